@@ -1,0 +1,39 @@
+"""lerobot_xvla: X-VLA (arXiv 2510.10274) as a LeRobot policy plugin.
+
+Importing the package makes `--policy.type=xvla` and `xvla` checkpoints resolve to this implementation
+(`lerobot_xvla.registration`; `LEROBOT_XVLA_BUILTIN=1` keeps LeRobot's built-in X-VLA).
+"""
+
+__version__ = "0.1.0"
+
+from .action_modes import ACTION_MODES, ActionMode, build_action_mode, register_action_mode
+from .configuration_xvla import XVLAConfig
+from .registration import builtin_xvla, install
+
+install()
+
+
+def __getattr__(name: str):
+    # The network pulls in transformers' Florence-2; import it only when asked for.
+    if name in ("XVLAPolicy", "XVLAModel"):
+        from . import modeling_xvla
+
+        return getattr(modeling_xvla, name)
+    if name == "make_xvla_pre_post_processors":
+        from .processor_xvla import make_xvla_pre_post_processors
+
+        return make_xvla_pre_post_processors
+    raise AttributeError(f"module 'lerobot_xvla' has no attribute {name!r}")
+
+
+__all__ = [
+    "ACTION_MODES",
+    "ActionMode",
+    "XVLAConfig",
+    "XVLAModel",
+    "XVLAPolicy",
+    "build_action_mode",
+    "builtin_xvla",
+    "make_xvla_pre_post_processors",
+    "register_action_mode",
+]

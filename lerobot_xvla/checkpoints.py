@@ -1,0 +1,226 @@
+"""X-VLA checkpoint layouts: detection, conversion and strict loading.
+
+Three layouts of the same weights exist:
+
+* `lerobot-0.4`: LeRobot 0.4.x's built-in X-VLA (vendored remote-code Florence-2 key names, `model.` prefix).
+  This is what `lerobot/xvla-*` on the Hub holds, and what we write, because every LeRobot X-VLA loads it.
+* `lerobot-0.6`: LeRobot >= 0.6 (transformers' native `Florence2Model` key names). Our modules use it.
+* `original`: the `2toINF/X-VLA-*` repositories (vendored key names without the `model.` prefix, and an
+  original `config.json` with `num_actions`, `florence_config`, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lerobot.configs.types import FeatureType, PolicyFeature
+from lerobot.utils.constants import ACTION, OBS_STATE
+from torch import nn
+
+from .action_modes import build_action_mode
+
+logger = logging.getLogger(__name__)
+
+VENDORED, NATIVE, ORIGINAL = "lerobot-0.4", "lerobot-0.6", "original"
+
+# (vendored, native) fragments of Florence-2 key names. `{n}` stands for a block index. Each key needs
+# one rule at most and the first match wins, so the more specific rules come first.
+_FLORENCE_RENAMES: list[tuple[str, str]] = [
+    ("vlm.image_projection", "vlm.multi_modal_projector.image_projection.weight"),
+    ("vlm.image_proj_norm.", "vlm.multi_modal_projector.image_proj_norm."),
+    ("vlm.image_pos_embed.", "vlm.multi_modal_projector.image_position_embed."),
+    ("vlm.visual_temporal_embed.", "vlm.multi_modal_projector.visual_temporal_embed."),
+    ("vlm.language_model.model.", "vlm.language_model."),
+    ("vision_tower.convs.{n}.proj.", "vision_tower.convs.{n}.conv."),
+    ("_block.conv1.fn.dw.", "_block.conv1."),
+    ("_block.conv2.fn.dw.", "_block.conv2."),
+    ("spatial_block.window_attn.norm.", "spatial_block.norm1."),
+    ("channel_block.channel_attn.norm.", "channel_block.norm1."),
+    ("_block.ffn.norm.", "_block.norm2."),
+    ("window_attn.fn.", "window_attn."),
+    ("channel_attn.fn.", "channel_attn."),
+    ("_block.ffn.fn.net.", "_block.ffn."),
+]
+# The vendored projection is an `x @ P` parameter; the native one is an nn.Linear weight (P transposed).
+_PROJECTION = {VENDORED: "model.vlm.image_projection", NATIVE: "model.vlm.multi_modal_projector.image_projection.weight"}
+# Buffer the vendored text model carries and never uses in the encoder.
+_FINAL_LOGITS_BIAS = "model.vlm.language_model.final_logits_bias"
+_TIED = ("model.vlm.language_model.shared.weight", "model.vlm.language_model.encoder.embed_tokens.weight")
+# Florence-2 parts that X-VLA deletes; a full Florence-2 state dict may still carry them.
+_UNUSED_FLORENCE = re.compile(r"^model\.vlm\.language_model\.(model\.)?decoder\.|^model\.vlm\.language_model\.lm_head\.")
+
+
+def _compile(pattern: str, replacement: str) -> tuple[re.Pattern, str]:
+    return re.compile(re.escape(pattern).replace(r"\{n\}", r"(\d+)")), replacement.replace("{n}", r"\1")
+
+
+_TO_NATIVE = [_compile(v, n) for v, n in _FLORENCE_RENAMES]
+_TO_VENDORED = [_compile(n, v) for v, n in _FLORENCE_RENAMES]
+
+
+def _rename(key: str, rules: list[tuple[re.Pattern, str]]) -> str:
+    for pattern, replacement in rules:
+        renamed, count = pattern.subn(replacement, key, count=1)
+        if count:
+            return renamed
+    return key
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's keys or shapes do not match the model built from the config."""
+
+
+def detect_layout(keys: Iterable[str]) -> str:
+    keys = list(keys)
+    if not any(k.startswith("model.") for k in keys):
+        if any(k.startswith(("vlm.", "transformer.")) for k in keys):
+            return ORIGINAL
+        raise CheckpointMismatchError(f"not an X-VLA state dict: first keys {keys[:5]}")
+    if any(k.startswith("model.vlm.multi_modal_projector.") for k in keys):
+        return NATIVE
+    return VENDORED
+
+
+def to_native(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Any X-VLA layout -> the layout of `XVLAPolicy.state_dict()`."""
+    layout = detect_layout(state_dict)
+    if layout == ORIGINAL:
+        state_dict = {f"model.{k}": v for k, v in state_dict.items()}
+    converted: dict[str, torch.Tensor] = {}
+    unused = 0
+    for key, value in state_dict.items():
+        if key == _FINAL_LOGITS_BIAS or _UNUSED_FLORENCE.match(key):
+            unused += 1
+            continue
+        if layout != NATIVE:
+            if key == _PROJECTION[VENDORED]:
+                value = value.t()
+            key = _rename(key, _TO_NATIVE)
+        converted[key] = value
+    if unused:
+        logger.info("ignored %d Florence-2 decoder / LM-head tensors: X-VLA uses the encoder only", unused)
+    for name, alias in (_TIED, _TIED[::-1]):  # the tied text embedding may be stored under either name
+        if name in converted and alias not in converted:
+            converted[alias] = converted[name]
+    return converted
+
+
+def to_vendored(state_dict: Mapping[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
+    """Our layout -> LeRobot 0.4.x's, which every LeRobot X-VLA loads (ready for safetensors)."""
+    converted = {}
+    for key, value in state_dict.items():
+        if key == _TIED[0]:
+            continue  # stored once, as the encoder's embedding (what LeRobot's loader copies back)
+        if key == _PROJECTION[NATIVE]:
+            value = value.t()
+        converted[_rename(key, _TO_VENDORED)] = value.contiguous()
+    reference = next(iter(state_dict.values()))
+    converted[_FINAL_LOGITS_BIAS] = torch.zeros(1, vocab_size, dtype=reference.dtype)
+    return converted
+
+
+def _describe(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_state_dict_strict(
+    module: nn.Module, state_dict: Mapping[str, torch.Tensor], reinit: Iterable[str] = ()
+) -> None:
+    """Load `state_dict` (any layout) into a policy, refusing missing, unexpected or mis-shaped keys.
+
+    `reinit` lists parameter-name prefixes (relative to `model.`) allowed to differ: those keep the module's
+    fresh initialisation, except per-domain tables that only grew along the domain dimension, which keep
+    the checkpoint's rows.
+    """
+    state = to_native(state_dict)
+    expected = module.state_dict()
+    allowed = tuple(f"model.{p}" for p in reinit)
+    missing = [k for k in expected if k not in state and not k.startswith(allowed)]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape and not k.startswith(allowed)
+    ]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing keys: {_describe(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {_describe(unexpected)}")
+        if mismatched:
+            problems.append(f"shape mismatches: {_describe(mismatched)}")
+        raise CheckpointMismatchError(
+            "the checkpoint does not match the model built from the config; "
+            + "; ".join(problems)
+            + ". Check the architecture fields of the config (florence_config, hidden_size, depth, num_domains, "
+            "max_state_dim, action_mode, ...), or list the parts to re-initialise in checkpoint_reinit."
+        )
+    to_load = {}
+    for key, value in expected.items():
+        if key not in state:
+            logger.info("re-initialised (not in checkpoint): %s", key)
+            continue
+        loaded = state[key]
+        if loaded.shape == value.shape:
+            to_load[key] = loaded
+        elif loaded.shape[1:] == value.shape[1:] and loaded.ndim >= 1:
+            rows = min(loaded.shape[0], value.shape[0])
+            merged = value.detach().clone()
+            merged[:rows] = loaded[:rows]
+            to_load[key] = merged
+            logger.info("kept %d of %d domain rows from the checkpoint: %s", rows, value.shape[0], key)
+        else:
+            logger.info("re-initialised (shape %s -> %s): %s", tuple(loaded.shape), tuple(value.shape), key)
+    module.load_state_dict(to_load, strict=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The original 2toINF/X-VLA format
+# ----------------------------------------------------------------------------------------------------------
+_ORIGINAL_TO_LEROBOT = {"num_actions": "chunk_size"}
+_SHARED_FIELDS = (
+    "florence_config", "hidden_size", "depth", "num_heads", "mlp_ratio", "num_domains", "len_soft_prompts",
+    "dim_time", "max_len_seq", "use_hetero_proj", "action_mode", "use_proprio", "max_action_dim",
+)  # fmt: skip
+ORIGINAL_CAMERAS = ("observation.images.image0", "observation.images.image1", "observation.images.image2")
+
+
+def is_original_config(config: Mapping[str, Any]) -> bool:
+    """An original config.json has no LeRobot "type" and names the chunk `num_actions`."""
+    return "type" not in config and "num_actions" in config
+
+
+def original_config_to_lerobot(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Map an original `config.json` onto `XVLAConfig` keyword arguments, features included.
+
+    The original feeds three views (`image0` is the primary one), conditions on a proprio as wide as the
+    model action (20 for ee6d) and tokenizes with the checkpoint's own BART tokenizer.
+    """
+    kwargs = {k: config[k] for k in _SHARED_FIELDS if k in config}
+    for original, ours in _ORIGINAL_TO_LEROBOT.items():
+        kwargs[ours] = config[original]
+    kwargs["n_action_steps"] = kwargs["chunk_size"]
+    kwargs["florence_config"] = {part: dict(config["florence_config"][part]) for part in ("vision_config", "text_config")}
+    mode = build_action_mode(
+        kwargs.get("action_mode", "ee6d"), config.get("real_action_dim"), kwargs.get("max_action_dim", 20)
+    )
+    kwargs["max_state_dim"] = mode.dim_action
+    kwargs["input_features"] = {
+        **{key: PolicyFeature(type=FeatureType.VISUAL, shape=(3, 224, 224)) for key in ORIGINAL_CAMERAS},
+        OBS_STATE: PolicyFeature(type=FeatureType.STATE, shape=(mode.dim_action,)),
+    }
+    kwargs["output_features"] = {ACTION: PolicyFeature(type=FeatureType.ACTION, shape=(mode.action_dim,))}
+    return kwargs
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    with open(path / "config.json") as f:
+        return json.load(f)

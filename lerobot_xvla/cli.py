@@ -1,0 +1,84 @@
+"""`lerobot-xvla`: which X-VLA LeRobot uses, and checkpoint conversion.
+
+    lerobot-xvla info                 versions, and what --policy.type=xvla resolves to in LeRobot's CLIs
+    lerobot-xvla convert SRC DST      any X-VLA checkpoint (original 2toINF/X-VLA format included) ->
+                                      a LeRobot checkpoint directory that --policy.path accepts
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import sys
+from pathlib import Path
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def info() -> None:
+    # Resolve `xvla` exactly as LeRobot's command-line tools do: plugin discovery, then the factory.
+    from lerobot.utils.import_utils import register_third_party_plugins
+
+    register_third_party_plugins()
+    from lerobot.configs.policies import PreTrainedConfig
+    from lerobot.policies.factory import get_policy_class
+
+    from .registration import BUILTIN_SWITCH
+
+    config_cls = PreTrainedConfig.get_choice_class("xvla")
+    policy_cls = get_policy_class("xvla")
+    owner = "lerobot_xvla" if config_cls.__module__.startswith("lerobot_xvla") else "LeRobot built-in"
+    print(f"lerobot_xvla {_version('lerobot_policy_xvla')}")
+    print(
+        f"lerobot {_version('lerobot')}, transformers {_version('transformers')}, torch {_version('torch')}, "
+        f"draccus {_version('draccus')}, python {platform.python_version()}"
+    )
+    print(f"--policy.type=xvla -> {owner}")
+    print(f"  config:     {config_cls.__module__}.{config_cls.__name__}")
+    print(f"  policy:     {policy_cls.__module__}.{policy_cls.__name__}")
+    processors = config_cls.__module__.replace("configuration_", "processor_")
+    print(f"  processors: {processors}.make_xvla_pre_post_processors")
+    print(f"{BUILTIN_SWITCH}={os.environ.get(BUILTIN_SWITCH, '')!r} (set it to 1 for LeRobot's built-in X-VLA)")
+
+
+def convert(source: str, destination: Path, device: str) -> None:
+    """Load with every layout check, then save in the LeRobot layout with processors."""
+    from .modeling_xvla import XVLAPolicy, load_config
+    from .processor_xvla import make_xvla_pre_post_processors
+
+    config = load_config(Path(source)) if Path(source).is_dir() else None
+    if config is not None:
+        config.device = device
+    policy = XVLAPolicy.from_pretrained(source, config=config)
+    destination.mkdir(parents=True, exist_ok=True)
+    policy.save_pretrained(destination)
+    preprocessor, postprocessor = make_xvla_pre_post_processors(policy.config)
+    preprocessor.save_pretrained(destination)
+    postprocessor.save_pretrained(destination)
+    print(f"wrote {destination} ({policy.config.action_mode}, chunk {policy.config.chunk_size}, cameras {policy.config.camera_order})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lerobot-xvla", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="versions and which implementation --policy.type=xvla resolves to")
+    conv = commands.add_parser("convert", help="write any X-VLA checkpoint as a LeRobot checkpoint directory")
+    conv.add_argument("source", help="checkpoint directory or Hub id (LeRobot 0.4.x, LeRobot >= 0.6 or original format)")
+    conv.add_argument("destination", type=Path)
+    conv.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        info()
+    else:
+        convert(args.source, args.destination, args.device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

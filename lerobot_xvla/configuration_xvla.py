@@ -1,0 +1,328 @@
+"""`XVLAConfig`: every knob of the X-VLA policy, with defaults that match the released checkpoints.
+
+The config accepts every field of LeRobot's built-in X-VLA config, so `config.json` files written by it
+(the `lerobot/xvla-*` checkpoints) parse. Fields that only this plugin has are marked `plugin_only`; they
+are left out of a saved `config.json` while they hold their default, which keeps our checkpoints loadable
+by LeRobot's built-in X-VLA whenever the config allows it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import draccus
+from huggingface_hub.constants import CONFIG_NAME
+from lerobot.configs.policies import PreTrainedConfig
+from lerobot.configs.types import FeatureType, NormalizationMode, PolicyFeature
+from lerobot.optim.optimizers import AdamWConfig
+from lerobot.optim.schedulers import CosineDecayWithWarmupSchedulerConfig
+from lerobot.utils.constants import OBS_IMAGES
+
+from .action_modes import check_action_dim, get_action_mode_class
+from .florence import FLORENCE2_LARGE, image_tokens_per_view
+
+logger = logging.getLogger(__name__)
+
+# Where the released checkpoints put each embodiment (the original's DATA_DOMAIN_ID and evaluation clients).
+PRETRAINED_DOMAIN_IDS: dict[str, int] = {
+    "Bridge / WidowX": 0,
+    "RT-1 / Google Robot": 1,
+    "CALVIN": 2,
+    "LIBERO": 3,
+    "widowx-air": 4,
+    "AIR-AGILEX-HQ (SoftFold)": 5,
+    "RoboTwin 2.0": 6,
+    "robocasa-human": 7,
+    "VLABench": 8,
+    "AGIBOT-challenge": 9,
+    "AIR-AGILEX": 10,
+    "RoboMind Franka (pretraining)": 11,
+    "RoboMind UR (pretraining)": 12,
+    "DROID left (pretraining)": 13,
+    "DROID right (pretraining)": 14,
+    "AGIBOT (pretraining)": 15,
+    "RoboMind Agilex (pretraining)": 16,
+    "RoboMind dual Franka (pretraining)": 17,
+    "AIRBOT": 18,
+}
+
+
+def plugin_only(default: Any = None, default_factory: Any = None):
+    """A field that LeRobot's built-in config does not have (see the module docstring)."""
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata={"plugin_only": True})
+    return field(default=default, metadata={"plugin_only": True})
+
+
+@dataclass
+class XVLAConfig(PreTrainedConfig):
+    """Configuration of the X-VLA policy.
+
+    The fields you most likely change are the ones that describe your robot: `action_mode`, `domain_id`,
+    `primary_camera`, `empty_cameras`, `image_size`. Everything under "Architecture" must match the
+    checkpoint you load; the defaults build X-VLA-0.9B (Florence-2-large + a 24 x 1024 transformer).
+
+    Input / output
+        n_obs_steps: observation frames per sample; X-VLA uses the last one only.
+        chunk_size: actions predicted per inference (the original `num_actions`, 30 for every checkpoint).
+            Changing it shifts the positional embeddings of every later token away from the pretrained ones.
+        n_action_steps: actions executed from each chunk before predicting the next one (<= chunk_size).
+        dtype: "float32" or "bfloat16": the dtype the weights are cast to.
+        normalization_mapping: LeRobot normalisation per feature type; None picks the action mode's default
+            (IDENTITY for ee6d/agibot_ee6d/joint, as the checkpoints were trained on raw values; MEAN_STD for
+            the joint-space modes so101_bimanual, franka_joint7 and auto).
+
+    Vision-language backbone
+        florence_config: Florence-2 architecture, in the remote-code format of X-VLA `config.json` files.
+            Defaults to Florence-2-large; tests and demos pass tiny ones.
+        tokenizer_name: Hub id or local directory of a BART tokenizer (the checkpoints' own tokenizer or
+            facebook/bart-large, whose ids are the same for plain text).
+        tokenizer_max_length: text tokens per sample (50 for every checkpoint).
+        tokenizer_padding_side / pad_language_to: padding of the text; pad tokens are attended, as in the original.
+
+    Architecture of the soft-prompted transformer
+        hidden_size, depth, num_heads, mlp_ratio: transformer size (1024, 24, 16, 4).
+        num_domains: rows of the per-domain tables (soft prompts and action heads).
+        len_soft_prompts: prompt tokens per domain.
+        dim_time: width of the sinusoidal flow-time embedding.
+        max_len_seq: length of the learned positional table (actions + image/text tokens, not the prompts).
+        use_hetero_proj: per-domain projections of the image/text features.
+
+    Actions and proprioception
+        action_mode: entry of the action-mode registry (`lerobot_xvla.action_modes`).
+        num_denoising_steps: steps of the re-noising sampler at inference.
+        use_proprio: condition on `observation.state`.
+        max_state_dim: width the state is zero-padded to (20 for every checkpoint); a wider state is an error.
+        max_action_dim: model action width of the `auto` mode.
+        domain_feature_key: batch key holding a per-sample domain id, overriding `domain_id`.
+        domain_id: the embodiment's domain id when the batch carries none (table in the README).
+
+    Cameras
+        primary_camera: the image feature that goes through the language encoder with the text (the
+            original `image0`, a fixed third-person view). Default: the first image feature.
+        image_size: (height, width) every camera is stretched to by the preprocessor; (224, 224) as trained.
+        resize_imgs_with_padding: LeRobot built-in field: letterbox to this size instead of stretching.
+        num_image_views: number of view slots; missing slots are zero images with a false mask.
+        empty_cameras: cameras declared absent; they become zero views with a false mask.
+
+    Training
+        freeze_vision_encoder / freeze_language_encoder: freeze the DaViT tower / the BART encoder.
+        train_policy_transformer / train_soft_prompts: train the transformer / the soft prompts.
+        gradient_checkpointing: recompute transformer blocks in the backward pass to save memory.
+        checkpoint_reinit: parameter-name prefixes (under `model.`) that may differ from the loaded checkpoint;
+            they keep their fresh initialisation, and tables that only grew in the domain dimension keep the
+            pretrained rows. Example: ["transformer.action_encoder", "transformer.action_decoder"].
+        optimizer_*: AdamW settings (betas and clipping of the original recipe).
+        learning_coef: learning-rate factor of the VLM and the soft prompts.
+        optimizer_soft_prompt_lr_scale: further factor on the soft prompts (LeRobot built-in field).
+        optimizer_soft_prompt_warmup_lr_scale: LeRobot built-in field, accepted so its configs parse; unused.
+        scheduler_*: cosine decay with warm-up.
+    """
+
+    # Input / output
+    n_obs_steps: int = 1
+    chunk_size: int = 30
+    n_action_steps: int = 30
+    dtype: str = "float32"
+    normalization_mapping: dict[str, NormalizationMode] | None = None
+
+    # Vision-language backbone
+    florence_config: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(FLORENCE2_LARGE))
+    tokenizer_name: str = "facebook/bart-large"
+    tokenizer_max_length: int = 50
+    tokenizer_padding_side: str = "right"
+    pad_language_to: str = "max_length"
+
+    # Architecture of the soft-prompted transformer
+    hidden_size: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_domains: int = 30
+    len_soft_prompts: int = 32
+    dim_time: int = 32
+    max_len_seq: int = 512
+    use_hetero_proj: bool = False
+
+    # Actions and proprioception
+    action_mode: str = "ee6d"
+    num_denoising_steps: int = 10
+    use_proprio: bool = True
+    max_state_dim: int = 20
+    max_action_dim: int = 20
+    domain_feature_key: str | None = None
+    domain_id: int = plugin_only(0)
+
+    # Cameras
+    primary_camera: str | None = plugin_only(None)
+    image_size: tuple[int, int] = plugin_only((224, 224))
+    resize_imgs_with_padding: tuple[int, int] | None = None
+    num_image_views: int | None = None
+    empty_cameras: int = 0
+
+    # Training
+    freeze_vision_encoder: bool = False
+    freeze_language_encoder: bool = False
+    train_policy_transformer: bool = True
+    train_soft_prompts: bool = True
+    gradient_checkpointing: bool = plugin_only(False)
+    checkpoint_reinit: list[str] = plugin_only(default_factory=list)
+    optimizer_lr: float = 1e-4
+    optimizer_betas: tuple[float, float] = (0.9, 0.95)
+    optimizer_eps: float = 1e-8
+    optimizer_weight_decay: float = 0.0
+    optimizer_grad_clip_norm: float = 1.0
+    learning_coef: float = plugin_only(0.1)
+    optimizer_soft_prompt_lr_scale: float = 1.0
+    optimizer_soft_prompt_warmup_lr_scale: float | None = None
+    scheduler_warmup_steps: int = 1_000
+    scheduler_decay_steps: int = 30_000
+    scheduler_decay_lr: float = 2.5e-6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.chunk_size <= 0:
+            raise ValueError(f"chunk_size must be > 0, got {self.chunk_size}")
+        if not 0 < self.n_action_steps <= self.chunk_size:
+            raise ValueError(f"n_action_steps must be in 1..chunk_size={self.chunk_size}, got {self.n_action_steps}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.num_image_views is not None and self.num_image_views <= 0:
+            raise ValueError(f"num_image_views must be > 0 when set, got {self.num_image_views}")
+        if self.num_denoising_steps <= 0:
+            raise ValueError(f"num_denoising_steps must be > 0, got {self.num_denoising_steps}")
+        mode = get_action_mode_class(self.action_mode)
+        if not 0 <= self.domain_id < self.num_domains:
+            raise ValueError(f"domain_id must be in [0, num_domains={self.num_domains}), got {self.domain_id}")
+        if self.normalization_mapping is None:
+            self.normalization_mapping = {
+                "VISUAL": NormalizationMode.IDENTITY,
+                "STATE": mode.default_normalization,
+                "ACTION": mode.default_normalization,
+            }
+        if self.optimizer_soft_prompt_warmup_lr_scale is not None:
+            logger.warning(
+                "optimizer_soft_prompt_warmup_lr_scale is a LeRobot built-in field that lerobot_xvla ignores; "
+                "the soft prompts train at optimizer_lr * learning_coef * optimizer_soft_prompt_lr_scale"
+            )
+
+    # ----------------------------------------------------------------------------------------------------
+    # Derived views of the config
+    # ----------------------------------------------------------------------------------------------------
+    @property
+    def model_image_size(self) -> tuple[int, int]:
+        """(H, W) of the images the network receives."""
+        return tuple(self.resize_imgs_with_padding or self.image_size)
+
+    @property
+    def camera_order(self) -> list[str]:
+        """Image feature keys in view order: the primary camera first, then the others as declared."""
+        keys = list(self.image_features)
+        primary = self.primary_camera or (keys[0] if keys else None)
+        return [primary] + [k for k in keys if k != primary] if primary else keys
+
+    @property
+    def empty_camera_keys(self) -> list[str]:
+        return [f"{OBS_IMAGES}.empty_camera_{i}" for i in range(self.empty_cameras)]
+
+    @property
+    def action_dim(self) -> int | None:
+        """Width of the dataset's actions, None before features are known."""
+        return self.action_feature.shape[-1] if self.action_feature is not None else None
+
+    def validate_features(self) -> None:
+        """Check the dataset's features against the config; add the declared empty cameras."""
+        for key in self.empty_camera_keys:
+            self.input_features.setdefault(key, PolicyFeature(type=FeatureType.VISUAL, shape=(3, *self.model_image_size)))
+        images = self.image_features
+        if not images:
+            raise ValueError(
+                "X-VLA needs at least one camera: no VISUAL feature among input_features "
+                f"{sorted(self.input_features or {})}"
+            )
+        for key, feature in images.items():
+            if len(feature.shape) != 3 or feature.shape[0] != 3:
+                raise ValueError(f"image feature '{key}' has shape {tuple(feature.shape)}; expected [3, H, W] (RGB)")
+        if self.primary_camera is not None and self.primary_camera not in images:
+            raise ValueError(f"primary_camera '{self.primary_camera}' is not an image feature; choose one of {list(images)}")
+        if self.use_proprio:
+            state = self.robot_state_feature
+            if state is None:
+                raise ValueError("use_proprio=True needs an 'observation.state' feature; set use_proprio=false otherwise")
+            if state.shape[-1] > self.max_state_dim:
+                raise ValueError(
+                    f"observation.state has {state.shape[-1]} values but max_state_dim={self.max_state_dim}; "
+                    "raise max_state_dim (the pretrained checkpoints use 20) or select fewer state values"
+                )
+        if self.action_dim is not None:
+            check_action_dim(self.action_mode, self.action_dim, self.max_action_dim)
+        views = len(images)
+        self.num_image_views = max(self.num_image_views or views, views)
+        height, width = self.model_image_size
+        seq_len = (
+            self.chunk_size
+            + self.tokenizer_max_length
+            + self.num_image_views * image_tokens_per_view(height, width)
+        )
+        if seq_len > self.max_len_seq:
+            raise ValueError(
+                f"{self.num_image_views} views at {height}x{width}, {self.tokenizer_max_length} text tokens and "
+                f"{self.chunk_size} actions make {seq_len} tokens > max_len_seq={self.max_len_seq}"
+            )
+
+    # ----------------------------------------------------------------------------------------------------
+    # LeRobot contract
+    # ----------------------------------------------------------------------------------------------------
+    def get_optimizer_preset(self) -> AdamWConfig:
+        """AdamW of the original recipe; the per-group learning rates come from `XVLAPolicy.get_optim_params`."""
+        return AdamWConfig(
+            lr=self.optimizer_lr,
+            betas=self.optimizer_betas,
+            eps=self.optimizer_eps,
+            weight_decay=self.optimizer_weight_decay,
+            grad_clip_norm=self.optimizer_grad_clip_norm,
+        )
+
+    def get_scheduler_preset(self) -> CosineDecayWithWarmupSchedulerConfig:
+        return CosineDecayWithWarmupSchedulerConfig(
+            peak_lr=self.optimizer_lr,
+            decay_lr=self.scheduler_decay_lr,
+            num_warmup_steps=self.scheduler_warmup_steps,
+            num_decay_steps=self.scheduler_decay_steps,
+        )
+
+    @property
+    def observation_delta_indices(self) -> None:
+        return None
+
+    @property
+    def action_delta_indices(self) -> list[int]:
+        return list(range(self.chunk_size))
+
+    @property
+    def reward_delta_indices(self) -> None:
+        return None
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """Write config.json without the plugin-only fields that hold their defaults (see module docstring)."""
+        drop = [
+            f.name
+            for f in fields(self)
+            if f.metadata.get("plugin_only") and getattr(self, f.name) == _field_default(f)
+        ]
+        with draccus.config_type("json"):
+            encoded = draccus.encode(self)
+        for name in drop:
+            encoded.pop(name, None)
+        with open(Path(save_directory) / CONFIG_NAME, "w") as f:
+            json.dump(encoded, f, indent=4)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

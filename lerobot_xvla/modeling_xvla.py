@@ -1,0 +1,419 @@
+"""X-VLA: `XVLAModel`, the network, and `XVLAPolicy`, its LeRobot adapter.
+
+XVLAModel keeps the original code's two entry points so its outputs compare directly with the reference:
+
+    forward(input_ids, image_input, image_mask, domain_id, proprio, action) -> dict of weighted losses
+    generate_actions(input_ids, image_input, image_mask, domain_id, proprio, steps, noise=None) -> [B, T, D]
+
+Flow matching follows the released code (not the paper's notation): t = 1 is pure noise,
+x_t = t * noise + (1 - t) * action, the network predicts the clean action chunk (x0-prediction), t is drawn
+stratified over the batch, and sampling re-noises the same initial noise towards each new estimate.
+
+XVLAPolicy turns LeRobot batches into those tensors, queues actions for `select_action`, and reads and
+writes every checkpoint layout (`lerobot_xvla.checkpoints`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import torch
+from lerobot.configs.policies import PreTrainedConfig
+from lerobot.policies.pretrained import PreTrainedPolicy
+from lerobot.utils.constants import ACTION, OBS_LANGUAGE_TOKENS, OBS_STATE
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from . import __version__
+from .action_modes import build_action_mode
+from .checkpoints import is_original_config, load_state_dict_strict, original_config_to_lerobot, to_vendored
+from .configuration_xvla import XVLAConfig
+from .florence import build_florence_encoder, encode_views, projection_dim
+from .soft_transformer import SoftPromptedTransformer
+
+logger = logging.getLogger(__name__)
+
+DOMAIN_ID = "domain_id"
+ACTION_IS_PAD = "action_is_pad"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
+class XVLAModel(nn.Module):
+    """Florence-2 encoder + soft-prompted transformer + action mode."""
+
+    def __init__(self, config: XVLAConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.action_mode = build_action_mode(config.action_mode, config.action_dim, config.max_action_dim)
+        self.dim_action = self.action_mode.dim_action
+        self.dim_proprio = config.max_state_dim if config.use_proprio else 0
+        self.vlm = build_florence_encoder(config.florence_config)
+        self.transformer = SoftPromptedTransformer(
+            hidden_size=config.hidden_size,
+            multi_modal_input_size=projection_dim(self.vlm),
+            depth=config.depth,
+            num_heads=config.num_heads,
+            mlp_ratio=config.mlp_ratio,
+            num_domains=config.num_domains,
+            dim_action=self.dim_action,
+            dim_proprio=self.dim_proprio,
+            dim_time=config.dim_time,
+            len_soft_prompts=config.len_soft_prompts,
+            max_len_seq=config.max_len_seq,
+            use_hetero_proj=config.use_hetero_proj,
+        )
+        self.transformer.gradient_checkpointing = config.gradient_checkpointing
+        self._freeze()
+
+    def _freeze(self) -> None:
+        frozen: list[nn.Module | nn.Parameter] = []
+        if self.config.freeze_vision_encoder:
+            frozen.append(self.vlm.vision_tower)
+        if self.config.freeze_language_encoder:
+            frozen.append(self.vlm.language_model)
+        if not self.config.train_policy_transformer:
+            frozen += [m for name, m in self.transformer.named_children() if name != "soft_prompt_hub"]
+            frozen.append(self.transformer.pos_emb)
+        if not self.config.train_soft_prompts and self.config.len_soft_prompts > 0:
+            frozen.append(self.transformer.soft_prompt_hub)
+        for part in frozen:
+            for param in part.parameters() if isinstance(part, nn.Module) else [part]:
+                param.requires_grad_(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.pos_emb.dtype
+
+    def forward_vlm(self, input_ids: Tensor, image_input: Tensor, image_mask: Tensor) -> dict[str, Tensor]:
+        """Encode the text and the views.
+
+        input_ids [B, L]; image_input [B, V, 3, H, W] (ImageNet-normalised); image_mask [B, V] (False = absent).
+        Returns vlm_features [B, T_img + L, D] (primary view and text through the BART encoder) and
+        aux_visual_inputs [B, (V - 1) * T_img, D] (the other views, projected image tokens only; absent
+        views are zero tokens, as in the original).
+        """
+        batch, views = image_input.shape[:2]
+        # Every slot is encoded and absent ones are zeroed afterwards: static shapes, no host sync.
+        tokens = encode_views(self.vlm, image_input.flatten(0, 1)).unflatten(0, (batch, views))
+        tokens = tokens * image_mask.to(tokens.dtype)[:, :, None, None]
+        text = self.vlm.get_input_embeddings()(input_ids)
+        encoder = self.vlm.language_model.encoder
+        vlm_features = encoder(inputs_embeds=torch.cat([tokens[:, 0], text], dim=1)).last_hidden_state
+        return {"vlm_features": vlm_features, "aux_visual_inputs": tokens[:, 1:].flatten(1, 2)}
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        image_input: Tensor,
+        image_mask: Tensor,
+        domain_id: Tensor,
+        proprio: Tensor,
+        action: Tensor,
+        action_valid: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Training losses for target chunks action [B, T, dim_action]; action_valid [B, T] masks padded steps."""
+        dtype = self.dtype
+        image_input, proprio, action = image_input.to(dtype), proprio.to(dtype), action.to(dtype)
+        encoded = self.forward_vlm(input_ids, image_input, image_mask)
+        batch = action.shape[0]
+        # One uniform draw, stratified over the batch, kept below 1 (the original's convention).
+        t = (torch.rand(1, device=action.device, dtype=dtype) + torch.arange(batch, device=action.device, dtype=dtype) / batch) % (1 - 1e-5)
+        noise = torch.randn_like(action)
+        x_t = noise * t[:, None, None] + action * (1 - t)[:, None, None]
+        mode = self.action_mode
+        pred = self.transformer(
+            domain_id=domain_id,
+            action_with_noise=mode.mask_inputs(x_t),
+            proprio=mode.mask_inputs(proprio),
+            t=t,
+            **encoded,
+        )
+        return mode.loss(pred, action, action_valid)
+
+    @torch.no_grad()
+    def generate_actions(
+        self,
+        input_ids: Tensor,
+        image_input: Tensor,
+        image_mask: Tensor,
+        domain_id: Tensor,
+        proprio: Tensor,
+        steps: int,
+        noise: Tensor | None = None,
+    ) -> Tensor:
+        """Sample an action chunk [B, chunk_size, action_dim] in dataset units with `steps` denoising steps.
+
+        noise [B, chunk_size, dim_action] is the initial x_1; drawn from N(0, I) when None.
+        """
+        dtype = self.dtype
+        image_input, proprio = image_input.to(dtype), proprio.to(dtype)
+        batch, horizon = input_ids.shape[0], self.config.chunk_size
+        context = self.transformer.encode_context(domain_id, **self.forward_vlm(input_ids, image_input, image_mask), num_actions=horizon)
+        x1 = torch.randn(batch, horizon, self.dim_action, device=proprio.device, dtype=dtype) if noise is None else noise.to(dtype)
+        mode = self.action_mode
+        proprio = mode.mask_inputs(proprio)
+        action = torch.zeros_like(x1)
+        for i in range(steps, 0, -1):
+            t = torch.full((batch,), i / steps, device=x1.device, dtype=dtype)
+            x_t = t[:, None, None] * x1 + (1 - t)[:, None, None] * action
+            action = self.transformer.denoise(context, domain_id, mode.mask_inputs(x_t), proprio, t)
+        return mode.decode(action)
+
+
+class XVLAPolicy(PreTrainedPolicy):
+    """LeRobot policy around `XVLAModel`: batch preparation, action queue, loss, checkpoints."""
+
+    config_class = XVLAConfig
+    name = "xvla"
+
+    def __init__(self, config: XVLAConfig, **kwargs: Any) -> None:  # kwargs: dataset_stats, dataset_meta (unused)
+        super().__init__(config)
+        config.validate_features()
+        self.model = XVLAModel(config)
+        if config.dtype == "bfloat16":
+            self.model.to(torch.bfloat16)
+        logger.info("X-VLA implementation: lerobot_xvla %s (%s)", __version__, config.action_mode)
+        self.reset()
+
+    def reset(self) -> None:
+        self._action_queue: deque[Tensor] = deque(maxlen=self.config.n_action_steps)
+
+    def get_optim_params(self) -> list[dict[str, Any]]:
+        """The original's four parameter groups: VLM and soft prompts at lr * learning_coef, the per-domain
+        action heads and the transformer core (vlm_proj included) at lr."""
+        cfg = self.config
+        groups: dict[str, list[nn.Parameter]] = {"vlm": [], "soft_prompts": [], "action_heads": [], "transformer_core": []}
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name.startswith("vlm."):
+                groups["vlm"].append(param)
+            elif name.startswith("transformer.soft_prompt_hub."):
+                groups["soft_prompts"].append(param)
+            elif name.startswith(("transformer.action_encoder.", "transformer.action_decoder.")):
+                groups["action_heads"].append(param)
+            else:
+                groups["transformer_core"].append(param)
+        scale = {
+            "vlm": cfg.learning_coef,
+            "soft_prompts": cfg.learning_coef * cfg.optimizer_soft_prompt_lr_scale,
+            "action_heads": 1.0,
+            "transformer_core": 1.0,
+        }
+        return [
+            {"name": name, "params": params, "lr": cfg.optimizer_lr * scale[name]}
+            for name, params in groups.items()
+            if params
+        ]
+
+    # ------------------------------------------------------------------------------------------------------
+    # Batch -> model inputs
+    # ------------------------------------------------------------------------------------------------------
+    def _images(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Views in camera order, resized and padded to num_image_views: images [B, V, 3, H, W], mask [B, V]."""
+        cfg = self.config
+        empty = set(cfg.empty_camera_keys)
+        views: list[Tensor | None] = []
+        for key in cfg.camera_order:
+            if key not in batch:
+                if key not in empty:
+                    raise ValueError(
+                        f"camera '{key}' is missing from the batch (image keys: {sorted(k for k in batch if 'image' in k)}); "
+                        "declare cameras that are absent with empty_cameras, or map names with rename_map"
+                    )
+                views.append(None)
+                continue
+            image = batch[key]
+            if image.ndim == 5:
+                image = image[:, -1]
+            if image.ndim != 4 or image.shape[1] != 3:
+                raise ValueError(f"camera '{key}' has shape {tuple(image.shape)}; expected [B, 3, H, W] (or [B, T, 3, H, W])")
+            views.append(self._resize(image))
+        reference = next((v for v in views if v is not None), None)
+        if reference is None:
+            raise ValueError(f"none of the cameras {cfg.camera_order} is in the batch")
+        views += [None] * (cfg.num_image_views - len(views))
+        zeros = torch.zeros_like(reference)
+        images = torch.stack([zeros if v is None else v for v in views], dim=1)
+        mask = torch.tensor([v is not None for v in views], device=reference.device).expand(reference.shape[0], -1)
+        return images, mask
+
+    def _resize(self, image: Tensor) -> Tensor:
+        """[B, 3, h, w] -> [B, 3, H, W] at the network's image size: a stretch, as the checkpoints were
+        trained, or LeRobot's letterbox (bilinear, padded left/top with 0 after normalisation) when
+        resize_imgs_with_padding is set."""
+        height, width = self.config.model_image_size
+        if tuple(image.shape[-2:]) == (height, width):
+            return image
+        if self.config.resize_imgs_with_padding is None:
+            return nn.functional.interpolate(image, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+        ratio = max(image.shape[-1] / width, image.shape[-2] / height)
+        size = (int(image.shape[-2] / ratio), int(image.shape[-1] / ratio))
+        image = nn.functional.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        return nn.functional.pad(image, (width - size[1], 0, height - size[0], 0))
+
+    def _domain_ids(self, batch: dict[str, Any], batch_size: int, device: torch.device) -> Tensor:
+        key = next((k for k in (self.config.domain_feature_key, DOMAIN_ID) if k and k in batch), None)
+        if key is None:
+            return torch.full((batch_size,), self.config.domain_id, dtype=torch.long, device=device)
+        ids = torch.as_tensor(batch[key]).long().reshape(-1)
+        if ids.numel() == 1:
+            ids = ids.expand(batch_size)
+        if ids.numel() != batch_size:
+            raise ValueError(f"'{key}' holds {ids.numel()} domain ids for a batch of {batch_size}")
+        # Checked while on the CPU, where the preprocessor creates them; checking on an accelerator would stall it.
+        if ids.device.type == "cpu" and bool(((ids < 0) | (ids >= self.config.num_domains)).any()):
+            raise ValueError(f"'{key}' has domain ids {ids.tolist()} outside [0, num_domains={self.config.num_domains})")
+        return ids.to(device)
+
+    def _proprio(self, batch: dict[str, Tensor], batch_size: int, device: torch.device) -> Tensor:
+        width = self.model.dim_proprio
+        if width == 0:
+            return torch.zeros(batch_size, 0, device=device)
+        if OBS_STATE not in batch:
+            raise ValueError(f"the batch has no '{OBS_STATE}' (use_proprio=True)")
+        state = batch[OBS_STATE]
+        if state.ndim == 3:
+            state = state[:, -1]
+        if state.shape[-1] > width:
+            raise ValueError(f"'{OBS_STATE}' has {state.shape[-1]} values; max_state_dim={width}")
+        return nn.functional.pad(state, (0, width - state.shape[-1]))
+
+    def _model_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        if OBS_LANGUAGE_TOKENS not in batch:
+            raise ValueError(f"the batch has no '{OBS_LANGUAGE_TOKENS}': run the X-VLA preprocessor (its tokenizer step)")
+        input_ids = batch[OBS_LANGUAGE_TOKENS]
+        images, mask = self._images(batch)
+        batch_size, device = input_ids.shape[0], images.device
+        return {
+            "input_ids": input_ids,
+            "image_input": images,
+            "image_mask": mask,
+            "domain_id": self._domain_ids(batch, batch_size, device),
+            "proprio": self._proprio(batch, batch_size, device),
+        }
+
+    def _targets(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """Target chunk [B, chunk_size, dim_action] and the valid-step mask [B, chunk_size] (None: all valid)."""
+        if ACTION not in batch:
+            raise ValueError(f"the batch has no '{ACTION}' targets")
+        actions = batch[ACTION]
+        if actions.ndim == 2:
+            actions = actions.unsqueeze(1)
+        valid = ~batch[ACTION_IS_PAD].bool() if ACTION_IS_PAD in batch else None
+        horizon, steps = self.config.chunk_size, actions.shape[1]
+        if steps < horizon:
+            if valid is None:
+                valid = torch.ones(actions.shape[:2], dtype=torch.bool, device=actions.device)
+            valid = nn.functional.pad(valid, (0, horizon - steps), value=False)
+        actions, valid = actions[:, :horizon], valid[:, :horizon] if valid is not None else None
+        padding = (0, self.model.dim_action - actions.shape[-1], 0, horizon - actions.shape[1])
+        return nn.functional.pad(actions, padding), valid
+
+    # ------------------------------------------------------------------------------------------------------
+    # LeRobot policy API
+    # ------------------------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        actions, valid = self._targets(batch)
+        losses = self.model(action=actions, action_valid=valid, **self._model_inputs(batch))
+        loss = torch.stack(list(losses.values())).sum()
+        values = torch.stack([loss, *losses.values()]).detach().float().cpu().tolist()  # one host sync
+        return loss, dict(zip(["loss", *losses], values, strict=True))
+
+    @torch.no_grad()
+    def predict_action_chunk(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
+        """[B, chunk_size, action_dim] actions in dataset units (before the postprocessor's unnormalisation)."""
+        self.eval()
+        return self.model.generate_actions(**self._model_inputs(batch), steps=self.config.num_denoising_steps, noise=noise)
+
+    @torch.no_grad()
+    def select_action(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
+        """Next action [B, action_dim]; predicts a chunk and queues its first n_action_steps when the queue is empty."""
+        if not self._action_queue:
+            chunk = self.predict_action_chunk(batch, noise=noise)
+            # The queue holds steps, the chunk is batch-first: [B, T, D] -> T x [B, D].
+            self._action_queue.extend(chunk[:, : self.config.n_action_steps].transpose(0, 1))
+        return self._action_queue.popleft()
+
+    # ------------------------------------------------------------------------------------------------------
+    # Checkpoints
+    # ------------------------------------------------------------------------------------------------------
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """config.json plus model.safetensors in LeRobot 0.4.x's layout (loadable by every LeRobot X-VLA)."""
+        self.config._save_pretrained(save_directory)
+        model = self.module if hasattr(self, "module") else self
+        vocab = model.model.vlm.get_input_embeddings().num_embeddings
+        save_file(to_vendored(model.state_dict(), vocab), str(Path(save_directory) / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_name_or_path: str | Path,
+        *,
+        config: PreTrainedConfig | None = None,
+        force_download: bool = False,
+        resume_download: bool | None = None,
+        proxies: dict | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        revision: str | None = None,
+        strict: bool = True,
+        **kwargs: Any,
+    ) -> XVLAPolicy:
+        """Load any X-VLA checkpoint: LeRobot 0.4.x, LeRobot >= 0.6 or the original 2toINF/X-VLA format.
+
+        Keys and shapes must match the config exactly; `config.checkpoint_reinit` names the parts that may
+        differ on purpose. `strict` is accepted for LeRobot's signature; loading is always strict.
+        """
+        directory = _checkpoint_directory(
+            pretrained_name_or_path,
+            force_download=force_download,
+            proxies=proxies,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            revision=revision,
+        )
+        if config is None:
+            config = load_config(directory, **kwargs)
+        policy = cls(config, **kwargs)
+        load_state_dict_strict(policy, load_file(str(directory / "model.safetensors")), reinit=config.checkpoint_reinit)
+        if config.dtype == "bfloat16":
+            policy.model.to(torch.bfloat16)
+        policy.to(config.device)
+        policy.eval()
+        return policy
+
+
+def load_config(directory: Path, **kwargs: Any) -> XVLAConfig:
+    """Config of a local checkpoint directory, in LeRobot's format or the original one."""
+    with open(directory / "config.json") as f:
+        raw = json.load(f)
+    if not is_original_config(raw):
+        return PreTrainedConfig.from_pretrained(directory, **kwargs)
+    converted = original_config_to_lerobot(raw)
+    if any((directory / name).exists() for name in TOKENIZER_FILES):  # the checkpoint ships its tokenizer
+        converted["tokenizer_name"] = str(directory)
+    return XVLAConfig(**converted)
+
+
+def _checkpoint_directory(name_or_path: str | Path, **hub_kwargs: Any) -> Path:
+    """A local directory holding config.json and model.safetensors (downloaded from the Hub if needed)."""
+    if os.path.isdir(name_or_path):
+        return Path(name_or_path)
+    from huggingface_hub import snapshot_download
+
+    hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
+    return Path(
+        snapshot_download(
+            repo_id=str(name_or_path),
+            allow_patterns=["config.json", "model.safetensors", "*.json", "*.txt"],
+            **hub_kwargs,
+        )
+    )

@@ -1,0 +1,191 @@
+"""Pre- and post-processing pipelines of the X-VLA policy.
+
+Preprocessor: rename -> add batch dim -> tokenize the task -> images to [0, 1] -> ImageNet normalisation
+-> domain id -> device -> state/action normalisation. Postprocessor: unnormalise -> CPU.
+
+The X-VLA steps are registered under the names LeRobot's built-in X-VLA uses (`xvla_image_to_float`,
+`xvla_imagenet_normalize`, `xvla_add_domain_id`, see `registration.py`), with the same config keys, so
+processor files saved by either implementation load in both. Our versions decide the image range from the
+dtype instead of the pixel values (uint8 -> / 255, float must already be in [0, 1]) and check values only
+while tensors are on the CPU, so they never stall an accelerator.
+
+Resizing to the network's image size happens in the policy (`XVLAPolicy._images`), so processor files
+saved by LeRobot's built-in X-VLA, which have no resize step, still feed the network 224 x 224 views.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lerobot.processor import (
+    AddBatchDimensionProcessorStep,
+    DeviceProcessorStep,
+    NormalizerProcessorStep,
+    PolicyAction,
+    PolicyProcessorPipeline,
+    ProcessorStep,
+    RenameObservationsProcessorStep,
+    TokenizerProcessorStep,
+    UnnormalizerProcessorStep,
+)
+from lerobot.processor.converters import policy_action_to_transition, transition_to_policy_action
+from lerobot.processor.core import EnvTransition, TransitionKey
+from lerobot.utils.constants import OBS_IMAGES, POLICY_POSTPROCESSOR_DEFAULT_NAME, POLICY_PREPROCESSOR_DEFAULT_NAME
+
+from .configuration_xvla import XVLAConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _image_keys(observation: dict[str, Any], image_keys: list[str] | None) -> list[str]:
+    keys = image_keys if image_keys is not None else [k for k in observation if k.startswith(f"{OBS_IMAGES}.")]
+    return [k for k in keys if isinstance(observation.get(k), torch.Tensor)]
+
+
+def _check_unit_range(key: str, image: torch.Tensor, what: str) -> None:
+    """Raise if a CPU image leaves [0, 1] (checking a GPU tensor would synchronise the host)."""
+    if image.device.type != "cpu" or image.numel() == 0:
+        return
+    low, high = image.aminmax()
+    if low < 0 or high > 1:
+        raise ValueError(
+            f"image '{key}' has values in [{float(low):.4g}, {float(high):.4g}]; {what} expects float images in "
+            "[0, 1] or uint8 images in [0, 255]"
+        )
+
+
+class _ObservationStep(ProcessorStep):
+    """A step that rewrites some observation tensors and leaves the features unchanged."""
+
+    def process(self, observation: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __call__(self, transition: EnvTransition) -> EnvTransition:
+        observation = transition.get(TransitionKey.OBSERVATION)
+        if not observation:
+            return transition
+        transition = transition.copy()
+        transition[TransitionKey.OBSERVATION] = self.process(dict(observation))
+        return transition
+
+    def transform_features(self, features):
+        return features
+
+
+@dataclass
+class ImageToFloatStep(_ObservationStep):
+    """Camera images to float32 in [0, 1]: uint8 is divided by 255, float must already be in [0, 1].
+
+    Registered as `xvla_image_to_float`; `validate_range` checks float images (on the CPU only).
+    """
+
+    image_keys: list[str] | None = None
+    validate_range: bool = True
+
+    def process(self, observation):
+        for key in _image_keys(observation, self.image_keys):
+            image = observation[key]
+            if image.dtype == torch.uint8:
+                observation[key] = image.float() / 255.0
+                continue
+            if self.validate_range:
+                _check_unit_range(key, image, "xvla_image_to_float")
+            observation[key] = image.float()
+        return observation
+
+    def get_config(self) -> dict[str, Any]:
+        return {"image_keys": self.image_keys, "validate_range": self.validate_range}
+
+
+@dataclass
+class ImageNetNormalizeStep(_ObservationStep):
+    """(image - ImageNet mean) / std on every camera, as Florence-2 was trained. Registered as `xvla_imagenet_normalize`."""
+
+    image_keys: list[str] | None = None
+
+    def process(self, observation):
+        for key in _image_keys(observation, self.image_keys):
+            image = observation[key]
+            _check_unit_range(key, image, "xvla_imagenet_normalize")
+            shape = (3,) + (1,) * 2
+            mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype, device=image.device).view(shape)
+            std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device).view(shape)
+            observation[key] = (image - mean) / std
+        return observation
+
+    def get_config(self) -> dict[str, Any]:
+        return {"image_keys": self.image_keys}
+
+
+@dataclass
+class AddDomainIdStep(ProcessorStep):
+    """Put a constant `domain_id` [B] (the embodiment's domain) in the complementary data. Registered as `xvla_add_domain_id`."""
+
+    domain_id: int = 0
+
+    def __call__(self, transition: EnvTransition) -> EnvTransition:
+        transition = transition.copy()
+        observation = transition.get(TransitionKey.OBSERVATION) or {}
+        batch_size = next((v.shape[0] for v in observation.values() if isinstance(v, torch.Tensor) and v.ndim), 1)
+        complementary = dict(transition.get(TransitionKey.COMPLEMENTARY_DATA) or {})
+        complementary["domain_id"] = torch.full((batch_size,), int(self.domain_id), dtype=torch.long)
+        transition[TransitionKey.COMPLEMENTARY_DATA] = complementary
+        return transition
+
+    def transform_features(self, features):
+        return features
+
+    def get_config(self) -> dict[str, Any]:
+        return {"domain_id": self.domain_id}
+
+
+# Registry names shared with LeRobot's built-in X-VLA (installed by `registration.install`).
+PROCESSOR_STEPS: dict[str, type[ProcessorStep]] = {
+    "xvla_image_to_float": ImageToFloatStep,
+    "xvla_imagenet_normalize": ImageNetNormalizeStep,
+    "xvla_add_domain_id": AddDomainIdStep,
+}
+
+
+def make_xvla_pre_post_processors(
+    config: XVLAConfig,
+    dataset_stats: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> tuple[
+    PolicyProcessorPipeline[dict[str, Any], dict[str, Any]],
+    PolicyProcessorPipeline[PolicyAction, PolicyAction],
+]:
+    """Build the X-VLA preprocessor and postprocessor for `config` (LeRobot's plugin contract)."""
+    features = {**config.input_features, **config.output_features}
+    input_steps: list[ProcessorStep] = [
+        RenameObservationsProcessorStep(rename_map={}),
+        AddBatchDimensionProcessorStep(),
+        TokenizerProcessorStep(
+            tokenizer_name=config.tokenizer_name,
+            max_length=config.tokenizer_max_length,
+            padding=config.pad_language_to,
+            padding_side=config.tokenizer_padding_side,
+        ),
+        ImageToFloatStep(),
+        ImageNetNormalizeStep(),
+        AddDomainIdStep(domain_id=config.domain_id),
+        DeviceProcessorStep(device=config.device),
+        NormalizerProcessorStep(features=features, norm_map=config.normalization_mapping, stats=dataset_stats),
+    ]
+    output_steps: list[ProcessorStep] = [
+        UnnormalizerProcessorStep(
+            features=config.output_features, norm_map=config.normalization_mapping, stats=dataset_stats
+        ),
+        DeviceProcessorStep(device="cpu"),
+    ]
+    return (
+        PolicyProcessorPipeline[dict[str, Any], dict[str, Any]](steps=input_steps, name=POLICY_PREPROCESSOR_DEFAULT_NAME),
+        PolicyProcessorPipeline[PolicyAction, PolicyAction](
+            steps=output_steps,
+            name=POLICY_POSTPROCESSOR_DEFAULT_NAME,
+            to_transition=policy_action_to_transition,
+            to_output=transition_to_policy_action,
+        ),
+    )

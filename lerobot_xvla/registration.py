@@ -1,0 +1,113 @@
+"""How lerobot_xvla takes over `--policy.type=xvla` from LeRobot's built-in X-VLA.
+
+All code that depends on LeRobot's internals or version lives here.
+
+* draccus refuses a second class under a taken choice name, and LeRobot registers its own `xvla` whenever
+  `lerobot.policies` is imported. So we import `lerobot.policies` first (import order never matters to
+  LeRobot), then point the registry entry at our `XVLAConfig`. draccus resolves `--policy.type`,
+  `config.json` "type" fields and `.type` through that entry.
+* LeRobot 0.4.x hard-codes `xvla` in `policies.factory.get_policy_class` and `make_policy_config`; we wrap
+  both (the wrappers defer to the registry, so they are harmless on LeRobot >= 0.6, which resolves by
+  naming convention) and rebind modules that imported the originals already.
+* The X-VLA processor-step names (`xvla_image_to_float`, ...) point at our steps, which take the same
+  config keys, so processor files of either implementation load.
+* Processors then resolve by LeRobot's convention (`lerobot_xvla.processor_xvla.make_xvla_pre_post_processors`)
+  because our config is not a subclass of the built-in one.
+
+Set `LEROBOT_XVLA_BUILTIN=1` to leave LeRobot's built-in X-VLA in charge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import sys
+from collections.abc import Iterator
+
+import lerobot.policies  # noqa: F401  (registers LeRobot's built-in `xvla` before we replace it)
+import lerobot.policies.factory as factory
+from lerobot.configs.policies import PreTrainedConfig
+from lerobot.processor import ProcessorStepRegistry
+
+from .configuration_xvla import XVLAConfig
+from .processor_xvla import PROCESSOR_STEPS
+
+BUILTIN_SWITCH = "LEROBOT_XVLA_BUILTIN"
+TYPE_NAME = "xvla"
+
+logger = logging.getLogger("lerobot_xvla")
+
+
+def plugin_active() -> bool:
+    return PreTrainedConfig._choice_registry.get(TYPE_NAME) is XVLAConfig
+
+
+def active_implementation() -> str:
+    """Module of the config class that `xvla` resolves to."""
+    return PreTrainedConfig._choice_registry[TYPE_NAME].__module__
+
+
+def _wrap_factory(name: str, ours):
+    original = getattr(factory, name)
+    if getattr(original, "_lerobot_xvla_original", None) is not None:
+        return  # already wrapped
+    @functools.wraps(original)
+    def wrapper(policy_type: str, *args, **kwargs):
+        if policy_type == TYPE_NAME and plugin_active():
+            return ours(*args, **kwargs)
+        return original(policy_type, *args, **kwargs)
+
+    wrapper._lerobot_xvla_original = original
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("lerobot.") and getattr(module, name, None) is original:
+            setattr(module, name, wrapper)
+
+
+def _register_steps(steps: dict[str, type]) -> dict[str, type | None]:
+    """Point processor-step registry names at `steps`; returns what they pointed at before."""
+    previous = {}
+    for name, step in steps.items():
+        previous[name] = ProcessorStepRegistry._registry.get(name)
+        ProcessorStepRegistry.unregister(name)
+        if step is not None:
+            ProcessorStepRegistry.register(name)(step)
+    return previous
+
+
+_builtin_steps: dict[str, type | None] = {}
+
+
+def _policy_class():
+    from .modeling_xvla import XVLAPolicy
+
+    return XVLAPolicy
+
+
+def install() -> None:
+    """Make `xvla` resolve to lerobot_xvla, unless LEROBOT_XVLA_BUILTIN=1."""
+    if os.environ.get(BUILTIN_SWITCH, "").lower() in ("1", "true", "yes"):
+        logger.info("%s is set: --policy.type=xvla stays LeRobot's built-in X-VLA", BUILTIN_SWITCH)
+        return
+    PreTrainedConfig._choice_registry[TYPE_NAME] = XVLAConfig
+    if not _builtin_steps:
+        _builtin_steps.update(_register_steps(PROCESSOR_STEPS))
+    _wrap_factory("get_policy_class", _policy_class)
+    _wrap_factory("make_policy_config", XVLAConfig)
+    logger.info("--policy.type=xvla resolves to lerobot_xvla (set %s=1 for LeRobot's built-in)", BUILTIN_SWITCH)
+
+
+@contextlib.contextmanager
+def builtin_xvla() -> Iterator[type[PreTrainedConfig]]:
+    """Temporarily give `xvla` back to LeRobot's built-in X-VLA (for side-by-side comparisons and tests)."""
+    from lerobot.policies.xvla.configuration_xvla import XVLAConfig as BuiltinXVLAConfig
+
+    previous = PreTrainedConfig._choice_registry.get(TYPE_NAME)
+    PreTrainedConfig._choice_registry[TYPE_NAME] = BuiltinXVLAConfig
+    ours = _register_steps(_builtin_steps) if _builtin_steps else {}
+    try:
+        yield BuiltinXVLAConfig
+    finally:
+        PreTrainedConfig._choice_registry[TYPE_NAME] = previous
+        _register_steps(ours)

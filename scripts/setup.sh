@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv and install lerobot_xvla with its simulation and test extras (idempotent).
+# LeRobot 0.4.4 pins torch<2.11, so pip installs torch from the package registry on a fresh machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+if ! .venv/bin/python -c "import lerobot_xvla, pytest" 2>/dev/null; then
+    .venv/bin/python -m pip install --upgrade pip
+    .venv/bin/python -m pip install -e ".[sim,dev]"
+fi

@@ -1,0 +1,90 @@
+"""`xvla` resolves to lerobot_xvla everywhere LeRobot looks it up, in any import order, with a way back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import draccus
+import pytest
+from lerobot.configs.policies import PreTrainedConfig
+from lerobot.configs.train import TrainPipelineConfig
+from lerobot.policies import factory
+
+from lerobot_xvla import XVLAConfig, XVLAPolicy, builtin_xvla
+from lerobot_xvla.processor_xvla import ImageNetNormalizeStep, ImageToFloatStep
+
+from conftest import tiny_config
+
+
+def run_python(code: str, **env: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+RESOLVE = (
+    "from lerobot.policies.factory import get_policy_class, make_policy_config; "
+    "from lerobot.configs.policies import PreTrainedConfig; "
+    "print(PreTrainedConfig.get_choice_class('xvla').__module__, get_policy_class('xvla').__module__, "
+    "type(make_policy_config('xvla')).__module__)"
+)
+
+
+def test_factory_functions_resolve_to_the_plugin(tokenizer_dir):
+    assert PreTrainedConfig.get_choice_class("xvla") is XVLAConfig
+    assert factory.get_policy_class("xvla") is XVLAPolicy
+    config = factory.make_policy_config("xvla", chunk_size=7, n_action_steps=7, device="cpu")
+    assert type(config) is XVLAConfig and config.chunk_size == 7 and config.type == "xvla"
+    config = tiny_config(tokenizer_name=tokenizer_dir)
+    preprocessor, postprocessor = factory.make_pre_post_processors(config)
+    steps = [type(step) for step in preprocessor.steps]
+    assert ImageToFloatStep in steps and ImageNetNormalizeStep in steps
+    assert factory.get_policy_class("act").__name__ == "ACTPolicy"  # other policies untouched
+
+
+def test_cli_type_parses_into_the_plugin_config():
+    cfg = draccus.parse(TrainPipelineConfig, args=["--policy.type=xvla", "--policy.chunk_size=7", "--policy.n_action_steps=7", "--dataset.repo_id=local/x"])
+    assert type(cfg.policy) is XVLAConfig and cfg.policy.chunk_size == 7
+
+
+def test_builtin_can_be_borrowed_and_given_back():
+    with builtin_xvla() as builtin:
+        assert PreTrainedConfig.get_choice_class("xvla") is builtin
+        assert factory.get_policy_class("xvla").__module__ == "lerobot.policies.xvla.modeling_xvla"
+    assert PreTrainedConfig.get_choice_class("xvla") is XVLAConfig
+
+
+@pytest.mark.parametrize(
+    "imports",
+    ["import lerobot_xvla; import lerobot.policies", "import lerobot.policies; import lerobot_xvla", "import lerobot_policy_xvla"],
+)
+def test_any_import_order_leaves_lerobot_importable(imports):
+    modules = run_python(f"{imports}; {RESOLVE}").split()
+    assert modules == ["lerobot_xvla.configuration_xvla", "lerobot_xvla.modeling_xvla", "lerobot_xvla.configuration_xvla"]
+
+
+def test_lerobot_plugin_discovery_finds_the_distribution():
+    code = f"import lerobot.policies; from lerobot.utils.import_utils import register_third_party_plugins; register_third_party_plugins(); {RESOLVE}"
+    assert run_python(code).split()[0] == "lerobot_xvla.configuration_xvla"
+
+
+def test_discover_packages_path_loads_every_submodule():
+    code = f"from lerobot.configs.parser import load_plugin; load_plugin('lerobot_xvla'); {RESOLVE}"
+    assert run_python(code).split()[1] == "lerobot_xvla.modeling_xvla"
+
+
+def test_switch_keeps_the_builtin():
+    modules = run_python(f"import lerobot_xvla; {RESOLVE}", LEROBOT_XVLA_BUILTIN="1").split()
+    assert modules == ["lerobot.policies.xvla.configuration_xvla", "lerobot.policies.xvla.modeling_xvla", "lerobot.policies.xvla.configuration_xvla"]
+
+
+def test_info_command_reports_the_active_implementation():
+    out = run_python("from lerobot_xvla.cli import main; main(['info'])")
+    assert "--policy.type=xvla -> lerobot_xvla" in out
+    assert "policy:     lerobot_xvla.modeling_xvla.XVLAPolicy" in out
+    out = run_python("from lerobot_xvla.cli import main; main(['info'])", LEROBOT_XVLA_BUILTIN="1")
+    assert "--policy.type=xvla -> LeRobot built-in" in out
