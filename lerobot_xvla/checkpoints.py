@@ -95,7 +95,9 @@ def to_native(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     converted: dict[str, torch.Tensor] = {}
     unused = 0
     for key, value in state_dict.items():
-        if key == _FINAL_LOGITS_BIAS or _UNUSED_FLORENCE.match(key):
+        if key == _FINAL_LOGITS_BIAS:
+            continue
+        if _UNUSED_FLORENCE.match(key):
             unused += 1
             continue
         if layout != NATIVE:

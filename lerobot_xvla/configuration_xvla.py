@@ -119,6 +119,8 @@ class XVLAConfig(PreTrainedConfig):
             they keep their fresh initialisation, and tables that only grew in the domain dimension keep the
             pretrained rows. Example: ["transformer.action_encoder", "transformer.action_decoder"].
         optimizer_*: AdamW settings (betas and clipping of the original recipe).
+        log_loss_terms_every: log the mean of every loss term over this many training steps (0: never);
+            lerobot-train's own log line shows the total loss only.
         learning_coef: learning-rate factor of the VLM and the soft prompts.
         optimizer_soft_prompt_lr_scale: further factor on the soft prompts (LeRobot built-in field).
         optimizer_soft_prompt_warmup_lr_scale: LeRobot built-in field, accepted so its configs parse; unused.
@@ -173,6 +175,7 @@ class XVLAConfig(PreTrainedConfig):
     train_soft_prompts: bool = True
     gradient_checkpointing: bool = plugin_only(False)
     checkpoint_reinit: list[str] = plugin_only(default_factory=list)
+    log_loss_terms_every: int = plugin_only(200)
     optimizer_lr: float = 1e-4
     optimizer_betas: tuple[float, float] = (0.9, 0.95)
     optimizer_eps: float = 1e-8

@@ -178,10 +178,26 @@ class XVLAPolicy(PreTrainedPolicy):
         if config.dtype == "bfloat16":
             self.model.to(torch.bfloat16)
         logger.info("X-VLA implementation: lerobot_xvla %s (%s)", __version__, config.action_mode)
+        self._loss_term_sums: dict[str, float] = {}
+        self._loss_term_steps = 0
         self.reset()
 
     def reset(self) -> None:
         self._action_queue: deque[Tensor] = deque(maxlen=self.config.n_action_steps)
+
+    def _log_loss_terms(self, logs: dict[str, float]) -> None:
+        """Running mean of every loss term, logged every `log_loss_terms_every` training steps."""
+        every = self.config.log_loss_terms_every
+        if every <= 0:
+            return
+        for name, value in logs.items():
+            self._loss_term_sums[name] = self._loss_term_sums.get(name, 0.0) + value
+        self._loss_term_steps += 1
+        if self._loss_term_steps == every:
+            terms = ", ".join(f"{k}={v / every:.4g}" for k, v in self._loss_term_sums.items())
+            logger.info("X-VLA loss terms (mean of %d steps): %s", every, terms)
+            self._loss_term_sums.clear()
+            self._loss_term_steps = 0
 
     def get_optim_params(self) -> list[dict[str, Any]]:
         """The original's four parameter groups: VLM and soft prompts at lr * learning_coef, the per-domain
@@ -323,7 +339,10 @@ class XVLAPolicy(PreTrainedPolicy):
         losses = self.model(action=actions, action_valid=valid, **self._model_inputs(batch))
         loss = torch.stack(list(losses.values())).sum()
         values = torch.stack([loss, *losses.values()]).detach().float().cpu().tolist()  # one host sync
-        return loss, dict(zip(["loss", *losses], values, strict=True))
+        logs = dict(zip(["loss", *losses], values, strict=True))
+        if self.training:
+            self._log_loss_terms(logs)
+        return loss, logs
 
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:

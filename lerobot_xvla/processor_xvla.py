@@ -1,7 +1,8 @@
 """Pre- and post-processing pipelines of the X-VLA policy.
 
 Preprocessor: rename -> add batch dim -> tokenize the task -> images to [0, 1] -> ImageNet normalisation
--> domain id -> device -> state/action normalisation. Postprocessor: unnormalise -> CPU.
+-> domain id -> device -> state/action normalisation. Postprocessor: unnormalise -> CPU -> action guard
+(non-finite actions are refused, values are clamped to the range of the training actions).
 
 The X-VLA steps are registered under the names LeRobot's built-in X-VLA uses (`xvla_image_to_float`,
 `xvla_imagenet_normalize`, `xvla_add_domain_id`, see `registration.py`), with the same config keys, so
@@ -18,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import logging
+
 import torch
 from lerobot.processor import (
     AddBatchDimensionProcessorStep,
@@ -32,16 +35,19 @@ from lerobot.processor import (
 )
 from lerobot.processor.converters import policy_action_to_transition, transition_to_policy_action
 from lerobot.processor.core import EnvTransition, TransitionKey
-from lerobot.utils.constants import OBS_IMAGES, POLICY_POSTPROCESSOR_DEFAULT_NAME, POLICY_PREPROCESSOR_DEFAULT_NAME
+from lerobot.utils.constants import ACTION, OBS_IMAGE, POLICY_POSTPROCESSOR_DEFAULT_NAME, POLICY_PREPROCESSOR_DEFAULT_NAME
 
 from .configuration_xvla import XVLAConfig
+
+logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _image_keys(observation: dict[str, Any], image_keys: list[str] | None) -> list[str]:
-    keys = image_keys if image_keys is not None else [k for k in observation if k.startswith(f"{OBS_IMAGES}.")]
+    # "observation.image" (single camera, e.g. pusht) and "observation.images.<name>"
+    keys = image_keys if image_keys is not None else [k for k in observation if k.startswith(OBS_IMAGE)]
     return [k for k in keys if isinstance(observation.get(k), torch.Tensor)]
 
 
@@ -142,11 +148,57 @@ class AddDomainIdStep(ProcessorStep):
         return {"domain_id": self.domain_id}
 
 
-# Registry names shared with LeRobot's built-in X-VLA (installed by `registration.install`).
+@dataclass
+class ActionGuardStep(ProcessorStep):
+    """The last step before a robot or an env: refuse non-finite actions, clamp the rest into [low, high].
+
+    The bounds default to the minimum and maximum of the training actions, which a robot reached while
+    being recorded, so they lie inside its calibrated ranges. Runs on the CPU (after the postprocessor's
+    device step), so checking costs no accelerator synchronisation. Registered as `xvla_action_guard`.
+    """
+
+    low: list[float] | None = None
+    high: list[float] | None = None
+
+    def __call__(self, transition: EnvTransition) -> EnvTransition:
+        action = transition.get(TransitionKey.ACTION)
+        if not isinstance(action, torch.Tensor):
+            return transition
+        if not bool(torch.isfinite(action).all()):
+            raise ValueError("X-VLA predicted non-finite actions (NaN or inf); refusing to pass them to the robot")
+        if self.low is None or self.high is None:
+            return transition
+        if len(self.low) != action.shape[-1] or len(self.high) != action.shape[-1]:
+            raise ValueError(f"xvla_action_guard has bounds for {len(self.low)} values but the action has {action.shape[-1]}")
+        low = torch.tensor(self.low, dtype=action.dtype, device=action.device)
+        high = torch.tensor(self.high, dtype=action.dtype, device=action.device)
+        clamped = torch.minimum(torch.maximum(action, low), high)
+        if not torch.equal(clamped, action):
+            logger.warning("X-VLA actions outside the range of the training actions were clamped into it")
+        transition = transition.copy()
+        transition[TransitionKey.ACTION] = clamped
+        return transition
+
+    def transform_features(self, features):
+        return features
+
+    def get_config(self) -> dict[str, Any]:
+        return {"low": self.low, "high": self.high}
+
+    @classmethod
+    def from_stats(cls, dataset_stats: dict[str, dict[str, Any]] | None) -> ActionGuardStep:
+        stats = (dataset_stats or {}).get(ACTION, {})
+        if "min" not in stats or "max" not in stats:
+            return cls()
+        return cls(low=torch.as_tensor(stats["min"]).flatten().tolist(), high=torch.as_tensor(stats["max"]).flatten().tolist())
+
+
+# Registry names; the first three are shared with LeRobot's built-in X-VLA (see `registration.install`).
 PROCESSOR_STEPS: dict[str, type[ProcessorStep]] = {
     "xvla_image_to_float": ImageToFloatStep,
     "xvla_imagenet_normalize": ImageNetNormalizeStep,
     "xvla_add_domain_id": AddDomainIdStep,
+    "xvla_action_guard": ActionGuardStep,
 }
 
 
@@ -179,6 +231,7 @@ def make_xvla_pre_post_processors(
             features=config.output_features, norm_map=config.normalization_mapping, stats=dataset_stats
         ),
         DeviceProcessorStep(device="cpu"),
+        ActionGuardStep.from_stats(dataset_stats),
     ]
     return (
         PolicyProcessorPipeline[dict[str, Any], dict[str, Any]](steps=input_steps, name=POLICY_PREPROCESSOR_DEFAULT_NAME),

@@ -9,6 +9,8 @@ All code that depends on LeRobot's internals or version lives here.
 * LeRobot 0.4.x hard-codes `xvla` in `policies.factory.get_policy_class` and `make_policy_config`; we wrap
   both (the wrappers defer to the registry, so they are harmless on LeRobot >= 0.6, which resolves by
   naming convention) and rebind modules that imported the originals already.
+* LeRobot gives X-VLA its LIBERO env processors by an `isinstance` on its own config class; we wrap
+  `make_env_pre_post_processors` and `make_policy` so envs with an adapter (`env_adapters.py`) get ours.
 * The X-VLA processor-step names (`xvla_image_to_float`, ...) point at our steps, which take the same
   config keys, so processor files of either implementation load.
 * Processors then resolve by LeRobot's convention (`lerobot_xvla.processor_xvla.make_xvla_pre_post_processors`)
@@ -26,12 +28,14 @@ import os
 import sys
 from collections.abc import Iterator
 
+import lerobot.envs.factory as env_factory
 import lerobot.policies  # noqa: F401  (registers LeRobot's built-in `xvla` before we replace it)
 import lerobot.policies.factory as factory
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.processor import ProcessorStepRegistry
 
 from .configuration_xvla import XVLAConfig
+from .env_adapters import env_adapter
 from .processor_xvla import PROCESSOR_STEPS
 
 BUILTIN_SWITCH = "LEROBOT_XVLA_BUILTIN"
@@ -49,20 +53,52 @@ def active_implementation() -> str:
     return PreTrainedConfig._choice_registry[TYPE_NAME].__module__
 
 
-def _wrap_factory(name: str, ours):
-    original = getattr(factory, name)
+def _replace_everywhere(owner, name: str, make_wrapper) -> None:
+    """Replace `owner.name` by `make_wrapper(original)`, also in lerobot modules that imported it already."""
+    original = getattr(owner, name)
     if getattr(original, "_lerobot_xvla_original", None) is not None:
         return  # already wrapped
-    @functools.wraps(original)
-    def wrapper(policy_type: str, *args, **kwargs):
-        if policy_type == TYPE_NAME and plugin_active():
-            return ours(*args, **kwargs)
-        return original(policy_type, *args, **kwargs)
-
+    wrapper = functools.wraps(original)(make_wrapper(original))
     wrapper._lerobot_xvla_original = original
     for module in list(sys.modules.values()):
         if getattr(module, "__name__", "").startswith("lerobot.") and getattr(module, name, None) is original:
             setattr(module, name, wrapper)
+
+
+def _resolve_type_name(ours):
+    """Wrapper maker for factory functions that take the policy type name first."""
+
+    def make_wrapper(original):
+        def wrapper(policy_type: str, *args, **kwargs):
+            if policy_type == TYPE_NAME and plugin_active():
+                return ours(*args, **kwargs)
+            return original(policy_type, *args, **kwargs)
+
+        return wrapper
+
+    return make_wrapper
+
+
+def _adapt_policy_to_env(original):
+    """make_policy: an env with an X-VLA adapter hands the policy the features the adapter produces."""
+
+    def wrapper(cfg, ds_meta=None, env_cfg=None, rename_map=None):
+        adapter = env_adapter(env_cfg) if isinstance(cfg, XVLAConfig) else None
+        if adapter is not None:
+            env_cfg = adapter.policy_env_config(env_cfg)
+        return original(cfg, ds_meta=ds_meta, env_cfg=env_cfg, rename_map=rename_map)
+
+    return wrapper
+
+
+def _env_processors(original):
+    """make_env_pre_post_processors: the adapter's processors for lerobot_xvla policies in adapted envs."""
+
+    def wrapper(env_cfg, policy_cfg):
+        adapter = env_adapter(env_cfg) if isinstance(policy_cfg, XVLAConfig) else None
+        return adapter.processors() if adapter is not None else original(env_cfg, policy_cfg)
+
+    return wrapper
 
 
 def _register_steps(steps: dict[str, type]) -> dict[str, type | None]:
@@ -93,8 +129,10 @@ def install() -> None:
     PreTrainedConfig._choice_registry[TYPE_NAME] = XVLAConfig
     if not _builtin_steps:
         _builtin_steps.update(_register_steps(PROCESSOR_STEPS))
-    _wrap_factory("get_policy_class", _policy_class)
-    _wrap_factory("make_policy_config", XVLAConfig)
+    _replace_everywhere(factory, "get_policy_class", _resolve_type_name(_policy_class))
+    _replace_everywhere(factory, "make_policy_config", _resolve_type_name(XVLAConfig))
+    _replace_everywhere(factory, "make_policy", _adapt_policy_to_env)
+    _replace_everywhere(env_factory, "make_env_pre_post_processors", _env_processors)
     logger.info("--policy.type=xvla resolves to lerobot_xvla (set %s=1 for LeRobot's built-in)", BUILTIN_SWITCH)
 
 

@@ -1,0 +1,156 @@
+"""LeRobot's own command-line loops with lerobot_xvla, offline on the CPU: lerobot-train (train, resume,
+fine-tune) on a locally written dataset, and lerobot-eval in the pusht and aloha gym envs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from lerobot.configs.types import FeatureType, PolicyFeature
+from safetensors.torch import load_file
+
+from lerobot_xvla import XVLAConfig, XVLAPolicy
+from lerobot_xvla.demo import DEMO_CONFIG, lerobot_command, write_pusht_dataset
+from lerobot_xvla.offline import TINY_ARCHITECTURE
+from lerobot_xvla.processor_xvla import make_xvla_pre_post_processors
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+
+
+def lerobot(name: str, *args: str) -> str:
+    """Run a LeRobot console script as a user would; returns its combined output."""
+    result = subprocess.run([lerobot_command(name), *args], capture_output=True, text=True, env=ENV, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_pusht_dataset(tmp_path_factory.mktemp("data") / "pusht", episodes=2, frames=20).root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, dataset, tokenizer_dir) -> tuple[Path, str]:
+    """A tiny X-VLA trained for 4 steps with the demo config, checkpoints every 2 steps (the plugin is
+    also named with --policy.discover_packages_path, on top of LeRobot's automatic discovery)."""
+    out = tmp_path_factory.mktemp("train") / "run"
+    log = lerobot(
+        "lerobot-train",
+        f"--config_path={DEMO_CONFIG}",
+        "--policy.discover_packages_path=lerobot_xvla",
+        f"--dataset.root={dataset}",
+        f"--policy.tokenizer_name={tokenizer_dir}",
+        "--policy.log_loss_terms_every=2",
+        "--steps=4",
+        "--save_freq=2",
+        "--log_freq=2",
+        "--batch_size=4",
+        f"--output_dir={out}",
+    )
+    return out, log
+
+
+def test_train_uses_the_plugin_logs_loss_terms_and_checkpoints(trained):
+    out, log = trained
+    assert "X-VLA implementation: lerobot_xvla" in log
+    assert "X-VLA loss terms (mean of 2 steps): loss=" in log and "joints_loss=" in log
+    assert (out / "checkpoints" / "000002").is_dir() and (out / "checkpoints" / "000004").is_dir()
+    model = out / "checkpoints" / "000004" / "pretrained_model"
+    config = json.loads((model / "config.json").read_text())
+    assert config["type"] == "xvla" and config["action_mode"] == "auto"
+    steps = [s["registry_name"] for s in json.loads((model / "policy_postprocessor.json").read_text())["steps"]]
+    assert steps[-1] == "xvla_action_guard"
+
+
+def test_resume_continues_from_the_last_checkpoint(trained):
+    out, _ = trained
+    log = lerobot(
+        "lerobot-train",
+        f"--config_path={out / 'checkpoints' / 'last' / 'pretrained_model' / 'train_config.json'}",
+        "--resume=true",
+        "--steps=6",
+    )
+    assert "X-VLA implementation: lerobot_xvla" in log
+    state = json.loads((out / "checkpoints" / "last" / "training_state" / "training_step.json").read_text())
+    assert state["step"] == 6
+
+
+def test_finetune_from_policy_path(trained, dataset, tmp_path):
+    out, _ = trained
+    start = out / "checkpoints" / "000004" / "pretrained_model"
+    lerobot(
+        "lerobot-train",
+        f"--policy.path={start}",
+        "--policy.push_to_hub=false",
+        "--dataset.repo_id=local/xvla_demo_pusht",
+        f"--dataset.root={dataset}",
+        "--steps=2",
+        "--batch_size=4",
+        "--num_workers=0",
+        "--save_freq=2",
+        "--wandb.enable=false",
+        f"--output_dir={tmp_path / 'finetune'}",
+    )
+    before = load_file(str(start / "model.safetensors"))
+    after = load_file(str(tmp_path / "finetune" / "checkpoints" / "000002" / "pretrained_model" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    assert not torch.equal(before["model.transformer.pos_emb"], after["model.transformer.pos_emb"])
+
+
+def test_eval_pusht_writes_metrics_and_videos(trained, tmp_path):
+    out, _ = trained
+    lerobot(
+        "lerobot-eval",
+        f"--policy.path={out / 'checkpoints' / '000004' / 'pretrained_model'}",
+        "--env.type=pusht",
+        "--env.episode_length=20",
+        "--eval.n_episodes=1",
+        "--eval.batch_size=1",
+        "--policy.device=cpu",
+        f"--output_dir={tmp_path}",
+    )
+    metrics = json.loads((tmp_path / "eval_info.json").read_text())["overall"]
+    assert metrics["n_episodes"] == 1 and "avg_sum_reward" in metrics
+    assert list(tmp_path.glob("videos/**/*.mp4"))
+
+
+def test_eval_aloha_with_14_joints(tmp_path, tokenizer_dir):
+    """A freshly initialised checkpoint for ALOHA's features (one 480x640 camera, 14-D state and action)."""
+    config = XVLAConfig(
+        **copy.deepcopy(TINY_ARCHITECTURE),
+        action_mode="auto",
+        n_action_steps=5,
+        tokenizer_name=tokenizer_dir,
+        device="cpu",
+        push_to_hub=False,
+        input_features={
+            "observation.images.top": PolicyFeature(FeatureType.VISUAL, (3, 480, 640)),
+            "observation.state": PolicyFeature(FeatureType.STATE, (14,)),
+        },
+        output_features={"action": PolicyFeature(FeatureType.ACTION, (14,))},
+    )
+    stats = {key: {"mean": torch.zeros(14), "std": torch.ones(14), "min": -torch.ones(14), "max": torch.ones(14)} for key in ("observation.state", "action")}
+    checkpoint = tmp_path / "aloha_checkpoint"
+    XVLAPolicy(config).save_pretrained(checkpoint)
+    for pipeline in make_xvla_pre_post_processors(config, dataset_stats=stats):
+        pipeline.save_pretrained(checkpoint)
+    lerobot(
+        "lerobot-eval",
+        f"--policy.path={checkpoint}",
+        "--env.type=aloha",
+        "--env.task=AlohaTransferCube-v0",
+        "--env.episode_length=10",
+        "--eval.n_episodes=1",
+        "--eval.batch_size=1",
+        "--policy.device=cpu",
+        f"--output_dir={tmp_path / 'eval'}",
+    )
+    metrics = json.loads((tmp_path / "eval" / "eval_info.json").read_text())["overall"]
+    assert metrics["n_episodes"] == 1
+    assert list((tmp_path / "eval").glob("videos/**/*.mp4"))
