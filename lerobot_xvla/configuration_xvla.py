@@ -100,8 +100,11 @@ class XVLAConfig(PreTrainedConfig):
         use_proprio: condition on `observation.state`.
         max_state_dim: width the state is zero-padded to (20 for every checkpoint); a wider state is an error.
         max_action_dim: model action width of the `auto` mode.
-        domain_feature_key: batch key holding a per-sample domain id, overriding `domain_id`.
+        domain_feature_key: key of a per-sample domain id in the batch (an `observation.*` dataset feature, so it
+            survives LeRobot's preprocessing); overrides `domain_id`.
         domain_id: the embodiment's domain id when the batch carries none (table in the README).
+        domain_map: robot type or dataset repo id -> domain id; when set, the policy takes `domain_id` from it
+            for the dataset it is trained on or records (robot type first). A robot missing from it is an error.
 
     Cameras
         primary_camera: the image feature that goes through the language encoder with the text (the
@@ -160,6 +163,7 @@ class XVLAConfig(PreTrainedConfig):
     max_action_dim: int = 20
     domain_feature_key: str | None = None
     domain_id: int = plugin_only(0)
+    domain_map: dict[str, int] = plugin_only(default_factory=dict)
 
     # Cameras
     primary_camera: str | None = plugin_only(None)
@@ -201,8 +205,9 @@ class XVLAConfig(PreTrainedConfig):
         if self.num_denoising_steps <= 0:
             raise ValueError(f"num_denoising_steps must be > 0, got {self.num_denoising_steps}")
         mode = get_action_mode_class(self.action_mode)
-        if not 0 <= self.domain_id < self.num_domains:
-            raise ValueError(f"domain_id must be in [0, num_domains={self.num_domains}), got {self.domain_id}")
+        for name, value in {"domain_id": self.domain_id, **{f"domain_map[{k!r}]": v for k, v in self.domain_map.items()}}.items():
+            if not 0 <= value < self.num_domains:
+                raise ValueError(f"{name} must be in [0, num_domains={self.num_domains}), got {value}")
         if self.normalization_mapping is None:
             self.normalization_mapping = {
                 "VISUAL": NormalizationMode.IDENTITY,
@@ -233,6 +238,19 @@ class XVLAConfig(PreTrainedConfig):
     @property
     def empty_camera_keys(self) -> list[str]:
         return [f"{OBS_IMAGES}.empty_camera_{i}" for i in range(self.empty_cameras)]
+
+    def resolve_domain(self, robot_type: str | None, repo_id: str | None) -> None:
+        """Take `domain_id` from `domain_map` for the dataset at hand (its robot type first, then its repo id)."""
+        if not self.domain_map:
+            return
+        for key in (robot_type, repo_id):
+            if key in self.domain_map:
+                self.domain_id = self.domain_map[key]
+                logger.info("X-VLA domain id %d for %r (domain_map)", self.domain_id, key)
+                return
+        raise ValueError(
+            f"domain_map has no entry for robot type {robot_type!r} or dataset {repo_id!r}; it maps {sorted(self.domain_map)}"
+        )
 
     @property
     def action_dim(self) -> int | None:

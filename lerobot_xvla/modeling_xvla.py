@@ -171,8 +171,10 @@ class XVLAPolicy(PreTrainedPolicy):
     config_class = XVLAConfig
     name = "xvla"
 
-    def __init__(self, config: XVLAConfig, **kwargs: Any) -> None:  # kwargs: dataset_stats, dataset_meta (unused)
+    def __init__(self, config: XVLAConfig, dataset_meta: Any = None, **kwargs: Any) -> None:  # kwargs: dataset_stats
         super().__init__(config)
+        if dataset_meta is not None:  # lerobot-train and lerobot-record pass the dataset's metadata
+            config.resolve_domain(dataset_meta.robot_type, dataset_meta.repo_id)
         config.validate_features()
         self.model = XVLAModel(config)
         if config.dtype == "bfloat16":
@@ -400,7 +402,7 @@ class XVLAPolicy(PreTrainedPolicy):
             revision=revision,
         )
         if config is None:
-            config = load_config(directory, **kwargs)
+            config = load_config(directory)
         policy = cls(config, **kwargs)
         load_state_dict_strict(policy, load_file(str(directory / "model.safetensors")), reinit=config.checkpoint_reinit)
         if config.dtype == "bfloat16":

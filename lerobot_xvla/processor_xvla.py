@@ -128,16 +128,32 @@ class ImageNetNormalizeStep(_ObservationStep):
 
 @dataclass
 class AddDomainIdStep(ProcessorStep):
-    """Put a constant `domain_id` [B] (the embodiment's domain) in the complementary data. Registered as `xvla_add_domain_id`."""
+    """Put the embodiment's `domain_id` [B] (long) in the complementary data. Registered as `xvla_add_domain_id`.
+
+    With `feature_key`, the ids come per sample from that batch entry (an `observation.*` dataset feature);
+    otherwise every sample gets `domain_id`. Ids are checked against [0, num_domains) while on the CPU.
+    """
 
     domain_id: int = 0
+    feature_key: str | None = None
+    num_domains: int | None = None
 
     def __call__(self, transition: EnvTransition) -> EnvTransition:
         transition = transition.copy()
         observation = transition.get(TransitionKey.OBSERVATION) or {}
-        batch_size = next((v.shape[0] for v in observation.values() if isinstance(v, torch.Tensor) and v.ndim), 1)
         complementary = dict(transition.get(TransitionKey.COMPLEMENTARY_DATA) or {})
-        complementary["domain_id"] = torch.full((batch_size,), int(self.domain_id), dtype=torch.long)
+        batch_size = next((v.shape[0] for v in observation.values() if isinstance(v, torch.Tensor) and v.ndim), 1)
+        if self.feature_key is None:
+            ids = torch.full((batch_size,), int(self.domain_id), dtype=torch.long)
+        else:
+            source = observation if self.feature_key in observation else complementary
+            if self.feature_key not in source:
+                raise ValueError(f"domain_feature_key '{self.feature_key}' is not in the batch")
+            ids = torch.as_tensor(source[self.feature_key]).reshape(batch_size, -1)[:, 0].long()
+        if self.num_domains is not None and ids.device.type == "cpu":
+            if bool(((ids < 0) | (ids >= self.num_domains)).any()):
+                raise ValueError(f"domain ids {ids.tolist()} are outside [0, num_domains={self.num_domains})")
+        complementary["domain_id"] = ids
         transition[TransitionKey.COMPLEMENTARY_DATA] = complementary
         return transition
 
@@ -145,7 +161,7 @@ class AddDomainIdStep(ProcessorStep):
         return features
 
     def get_config(self) -> dict[str, Any]:
-        return {"domain_id": self.domain_id}
+        return {"domain_id": self.domain_id, "feature_key": self.feature_key, "num_domains": self.num_domains}
 
 
 @dataclass
@@ -222,7 +238,7 @@ def make_xvla_pre_post_processors(
         ),
         ImageToFloatStep(),
         ImageNetNormalizeStep(),
-        AddDomainIdStep(domain_id=config.domain_id),
+        AddDomainIdStep(config.domain_id, config.domain_feature_key, config.num_domains),
         DeviceProcessorStep(device=config.device),
         NormalizerProcessorStep(features=features, norm_map=config.normalization_mapping, stats=dataset_stats),
     ]

@@ -154,3 +154,29 @@ def test_eval_aloha_with_14_joints(tmp_path, tokenizer_dir):
     metrics = json.loads((tmp_path / "eval" / "eval_info.json").read_text())["overall"]
     assert metrics["n_episodes"] == 1
     assert list((tmp_path / "eval").glob("videos/**/*.mp4"))
+
+
+@pytest.mark.slow
+def test_full_size_default_architecture_trains(dataset, tokenizer_dir, tmp_path):
+    """`--policy.type=xvla` with no checkpoint builds X-VLA-0.9B and takes two training steps (~15 GB RAM)."""
+    log = lerobot(
+        "lerobot-train",
+        "--policy.type=xvla",
+        "--policy.action_mode=auto",
+        "--policy.device=cpu",
+        "--policy.push_to_hub=false",
+        f"--policy.tokenizer_name={tokenizer_dir}",
+        "--policy.log_loss_terms_every=1",
+        "--dataset.repo_id=local/xvla_demo_pusht",
+        f"--dataset.root={dataset}",
+        "--steps=2",
+        "--batch_size=1",
+        "--num_workers=0",
+        "--save_checkpoint=false",
+        "--log_freq=1",
+        "--wandb.enable=false",
+        f"--output_dir={tmp_path / 'full'}",
+    )
+    assert "X-VLA implementation: lerobot_xvla" in log
+    assert "num_total_params=876336728" in log
+    assert log.count("X-VLA loss terms (mean of 1 steps)") == 2
