@@ -209,6 +209,22 @@ class ActionGuardStep(ProcessorStep):
         return cls(low=torch.as_tensor(stats["min"]).flatten().tolist(), high=torch.as_tensor(stats["max"]).flatten().tolist())
 
 
+def ensure_action_guard(postprocessor: PolicyProcessorPipeline) -> PolicyProcessorPipeline:
+    """Append `xvla_action_guard` to a loaded postprocessor that lacks it (processor files of LeRobot's
+    built-in X-VLA, `lerobot/xvla-*`), bounded by the unnormaliser's statistics when they have min/max."""
+    if any(isinstance(step, ActionGuardStep) for step in postprocessor.steps):
+        return postprocessor
+    unnormalizer = next((s for s in postprocessor.steps if isinstance(s, UnnormalizerProcessorStep)), None)
+    stats = getattr(unnormalizer, "_tensor_stats", None) or getattr(unnormalizer, "stats", None)
+    guard = ActionGuardStep.from_stats(stats)
+    logger.warning(
+        "the checkpoint's postprocessor has no xvla_action_guard; added one (non-finite actions raise%s)",
+        "" if guard.low is None else ", actions are clamped to the training range",
+    )
+    postprocessor.steps.append(guard)
+    return postprocessor
+
+
 # Registry names; the first three are shared with LeRobot's built-in X-VLA (see `registration.install`).
 PROCESSOR_STEPS: dict[str, type[ProcessorStep]] = {
     "xvla_image_to_float": ImageToFloatStep,

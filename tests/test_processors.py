@@ -154,3 +154,16 @@ def test_more_than_three_cameras_of_different_resolutions(tokenizer_dir):
     images, mask = policy._images(pre(obs))
     assert images.shape == (1, 5, 3, 64, 64) and mask.all()
     assert torch.equal(images[0, 0], policy._resize(pre(obs)["observation.images.cam3"])[0])  # primary first
+
+
+def test_builtin_checkpoints_get_the_action_guard_too(tmp_path, tokenizer_dir):
+    """Processor files of LeRobot's built-in X-VLA have no guard; loading them for our policy adds one,
+    bounded by the checkpoint's own action statistics."""
+    with builtin_xvla():
+        for pipeline in builtin_processors(BuiltinConfig(**tiny_kwargs(2, tokenizer_name=tokenizer_dir)), dataset_stats=STATS):
+            pipeline.save_pretrained(tmp_path)
+    _, post = make_pre_post_processors(tiny_config(tokenizer_name=tokenizer_dir), pretrained_path=str(tmp_path))
+    assert isinstance(post.steps[-1], ActionGuardStep)
+    assert post(torch.full((1, 20), 7.0)).tolist() == [[1.0] * 20]
+    with pytest.raises(ValueError, match="non-finite actions"):
+        post(torch.full((1, 20), float("nan")))
