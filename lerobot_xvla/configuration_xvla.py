@@ -102,7 +102,8 @@ class XVLAConfig(PreTrainedConfig):
         max_action_dim: model action width of the `auto` mode.
         domain_feature_key: key of a per-sample domain id in the batch (an `observation.*` dataset feature, so it
             survives LeRobot's preprocessing); overrides `domain_id`.
-        domain_id: the embodiment's domain id when the batch carries none (table in the README).
+        domain_id: the embodiment's domain id (table in the README). None: the id stored in a loaded checkpoint's
+            preprocessor (where LeRobot's built-in X-VLA keeps it), else 0.
         domain_map: robot type or dataset repo id -> domain id; when set, the policy takes `domain_id` from it
             for the dataset it is trained on or records (robot type first). A robot missing from it is an error.
 
@@ -162,7 +163,7 @@ class XVLAConfig(PreTrainedConfig):
     max_state_dim: int = 20
     max_action_dim: int = 20
     domain_feature_key: str | None = None
-    domain_id: int = plugin_only(0)
+    domain_id: int | None = plugin_only(None)
     domain_map: dict[str, int] = plugin_only(default_factory=dict)
 
     # Cameras
@@ -205,8 +206,9 @@ class XVLAConfig(PreTrainedConfig):
         if self.num_denoising_steps <= 0:
             raise ValueError(f"num_denoising_steps must be > 0, got {self.num_denoising_steps}")
         mode = get_action_mode_class(self.action_mode)
-        for name, value in {"domain_id": self.domain_id, **{f"domain_map[{k!r}]": v for k, v in self.domain_map.items()}}.items():
-            if not 0 <= value < self.num_domains:
+        ids = {"domain_id": self.domain_id, **{f"domain_map[{k!r}]": v for k, v in self.domain_map.items()}}
+        for name, value in ids.items():
+            if value is not None and not 0 <= value < self.num_domains:
                 raise ValueError(f"{name} must be in [0, num_domains={self.num_domains}), got {value}")
         if self.normalization_mapping is None:
             self.normalization_mapping = {

@@ -278,7 +278,7 @@ class XVLAPolicy(PreTrainedPolicy):
     def _domain_ids(self, batch: dict[str, Any], batch_size: int, device: torch.device) -> Tensor:
         key = next((k for k in (self.config.domain_feature_key, DOMAIN_ID) if k and k in batch), None)
         if key is None:
-            return torch.full((batch_size,), self.config.domain_id, dtype=torch.long, device=device)
+            return torch.full((batch_size,), self.config.domain_id or 0, dtype=torch.long, device=device)
         ids = torch.as_tensor(batch[key]).long().reshape(-1)
         if ids.numel() == 1:
             ids = ids.expand(batch_size)

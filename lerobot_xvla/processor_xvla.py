@@ -209,11 +209,25 @@ class ActionGuardStep(ProcessorStep):
         return cls(low=torch.as_tensor(stats["min"]).flatten().tolist(), high=torch.as_tensor(stats["max"]).flatten().tolist())
 
 
-def ensure_action_guard(postprocessor: PolicyProcessorPipeline) -> PolicyProcessorPipeline:
-    """Append `xvla_action_guard` to a loaded postprocessor that lacks it (processor files of LeRobot's
-    built-in X-VLA, `lerobot/xvla-*`), bounded by the unnormaliser's statistics when they have min/max."""
+def reconcile_loaded_processors(
+    preprocessor: PolicyProcessorPipeline, postprocessor: PolicyProcessorPipeline, config: XVLAConfig
+) -> None:
+    """Make processors loaded from a checkpoint agree with the config, in place.
+
+    * The domain step follows the config's domain settings; a config without `domain_id` adopts the
+      checkpoint's (LeRobot's built-in X-VLA keeps the id only in its preprocessor).
+    * A postprocessor without `xvla_action_guard` (files of LeRobot's built-in X-VLA, `lerobot/xvla-*`) gets
+      one, bounded by the unnormaliser's statistics when they have min/max.
+    """
+    domain_step = next((s for s in preprocessor.steps if isinstance(s, AddDomainIdStep)), None)
+    if domain_step is not None:
+        if config.domain_id is None:
+            config.domain_id = domain_step.domain_id
+        domain_step.domain_id = config.domain_id
+        domain_step.feature_key = config.domain_feature_key
+        domain_step.num_domains = config.num_domains
     if any(isinstance(step, ActionGuardStep) for step in postprocessor.steps):
-        return postprocessor
+        return
     unnormalizer = next((s for s in postprocessor.steps if isinstance(s, UnnormalizerProcessorStep)), None)
     stats = getattr(unnormalizer, "_tensor_stats", None) or getattr(unnormalizer, "stats", None)
     guard = ActionGuardStep.from_stats(stats)
@@ -222,7 +236,6 @@ def ensure_action_guard(postprocessor: PolicyProcessorPipeline) -> PolicyProcess
         "" if guard.low is None else ", actions are clamped to the training range",
     )
     postprocessor.steps.append(guard)
-    return postprocessor
 
 
 # Registry names; the first three are shared with LeRobot's built-in X-VLA (see `registration.install`).
@@ -254,7 +267,7 @@ def make_xvla_pre_post_processors(
         ),
         ImageToFloatStep(),
         ImageNetNormalizeStep(),
-        AddDomainIdStep(config.domain_id, config.domain_feature_key, config.num_domains),
+        AddDomainIdStep(config.domain_id or 0, config.domain_feature_key, config.num_domains),
         DeviceProcessorStep(device=config.device),
         NormalizerProcessorStep(features=features, norm_map=config.normalization_mapping, stats=dataset_stats),
     ]

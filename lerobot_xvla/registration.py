@@ -9,8 +9,8 @@ All code that depends on LeRobot's internals or version lives here.
 * LeRobot 0.4.x hard-codes `xvla` in `policies.factory.get_policy_class` and `make_policy_config`; we wrap
   both (the wrappers defer to the registry, so they are harmless on LeRobot >= 0.6, which resolves by
   naming convention) and rebind modules that imported the originals already.
-* `make_pre_post_processors` is wrapped so that a postprocessor loaded from a checkpoint of LeRobot's
-  built-in X-VLA also ends with our action guard.
+* `make_pre_post_processors` is wrapped so that processors loaded from a checkpoint of LeRobot's built-in
+  X-VLA follow our config's domain id and end with our action guard.
 * LeRobot gives X-VLA its LIBERO env processors by an `isinstance` on its own config class; we wrap
   `make_env_pre_post_processors` and `make_policy` so envs with an adapter (`env_adapters.py`) get ours.
 * The X-VLA processor-step names (`xvla_image_to_float`, ...) point at our steps, which take the same
@@ -38,7 +38,7 @@ from lerobot.processor import ProcessorStepRegistry
 
 from .configuration_xvla import XVLAConfig
 from .env_adapters import env_adapter
-from .processor_xvla import PROCESSOR_STEPS, ensure_action_guard
+from .processor_xvla import PROCESSOR_STEPS, reconcile_loaded_processors
 
 BUILTIN_SWITCH = "LEROBOT_XVLA_BUILTIN"
 TYPE_NAME = "xvla"
@@ -93,14 +93,14 @@ def _adapt_policy_to_env(original):
     return wrapper
 
 
-def _guarded_processors(original):
-    """make_pre_post_processors: every lerobot_xvla postprocessor ends with the action guard, even one loaded
-    from a checkpoint written by LeRobot's built-in X-VLA."""
+def _reconciled_processors(original):
+    """make_pre_post_processors: processors loaded from any X-VLA checkpoint agree with our config and end
+    with the action guard (`processor_xvla.reconcile_loaded_processors`)."""
 
     def wrapper(policy_cfg, *args, **kwargs):
         preprocessor, postprocessor = original(policy_cfg, *args, **kwargs)
         if isinstance(policy_cfg, XVLAConfig):
-            postprocessor = ensure_action_guard(postprocessor)
+            reconcile_loaded_processors(preprocessor, postprocessor, policy_cfg)
         return preprocessor, postprocessor
 
     return wrapper
@@ -147,7 +147,7 @@ def install() -> None:
     _replace_everywhere(factory, "get_policy_class", _resolve_type_name(_policy_class))
     _replace_everywhere(factory, "make_policy_config", _resolve_type_name(XVLAConfig))
     _replace_everywhere(factory, "make_policy", _adapt_policy_to_env)
-    _replace_everywhere(factory, "make_pre_post_processors", _guarded_processors)
+    _replace_everywhere(factory, "make_pre_post_processors", _reconciled_processors)
     _replace_everywhere(env_factory, "make_env_pre_post_processors", _env_processors)
     logger.info("--policy.type=xvla resolves to lerobot_xvla (set %s=1 for LeRobot's built-in)", BUILTIN_SWITCH)
 

@@ -156,6 +156,20 @@ def test_more_than_three_cameras_of_different_resolutions(tokenizer_dir):
     assert torch.equal(images[0, 0], policy._resize(pre(obs)["observation.images.cam3"])[0])  # primary first
 
 
+def test_domain_id_of_a_builtin_preprocessor_is_adopted_unless_the_config_sets_one(tmp_path, tokenizer_dir):
+    with builtin_xvla():
+        builtin_pre, builtin_post = builtin_processors(BuiltinConfig(**tiny_kwargs(2, tokenizer_name=tokenizer_dir)), dataset_stats=STATS)
+    next(s for s in builtin_pre.steps if type(s).__name__ == "XVLAAddDomainIdProcessorStep").domain_id = 3
+    builtin_pre.save_pretrained(tmp_path)
+    builtin_post.save_pretrained(tmp_path)
+    adopting = tiny_config(tokenizer_name=tokenizer_dir)
+    pre, _ = make_pre_post_processors(adopting, pretrained_path=str(tmp_path))
+    assert adopting.domain_id == 3 and pre(observation())["domain_id"].tolist() == [3]
+    explicit = tiny_config(tokenizer_name=tokenizer_dir, domain_id=6)
+    pre, _ = make_pre_post_processors(explicit, pretrained_path=str(tmp_path))
+    assert pre(observation())["domain_id"].tolist() == [6]
+
+
 def test_builtin_checkpoints_get_the_action_guard_too(tmp_path, tokenizer_dir):
     """Processor files of LeRobot's built-in X-VLA have no guard; loading them for our policy adds one,
     bounded by the checkpoint's own action statistics."""
