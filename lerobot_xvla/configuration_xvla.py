@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,11 @@ from huggingface_hub.constants import CONFIG_NAME
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.configs.types import FeatureType, NormalizationMode, PolicyFeature
 from lerobot.optim.optimizers import AdamWConfig
-from lerobot.optim.schedulers import CosineDecayWithWarmupSchedulerConfig
 from lerobot.utils.constants import OBS_IMAGES
 
 from .action_modes import check_action_dim, get_action_mode_class
 from .florence import FLORENCE2_LARGE, image_tokens_per_view
+from .training import TwoStageSchedulerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,10 @@ class XVLAConfig(PreTrainedConfig):
         chunk_size: actions predicted per inference (the original `num_actions`, 30 for every checkpoint).
             Changing it shifts the positional embeddings of every later token away from the pretrained ones.
         n_action_steps: actions executed from each chunk before predicting the next one (<= chunk_size).
-        dtype: "float32" or "bfloat16": the dtype the weights are cast to.
+        dtype: compute precision, "float32" or "bfloat16". With "bfloat16" the forward passes run under bf16
+            autocast while the weights (and AdamW's state) stay fp32 master copies.
+        weights_dtype: "float32" or "bfloat16" weights; bf16 weights halve memory for inference only (training
+            them is refused: use dtype="bfloat16" instead).
         normalization_mapping: LeRobot normalisation per feature type; None picks the action mode's default
             (IDENTITY for ee6d/agibot_ee6d/joint, as the checkpoints were trained on raw values; MEAN_STD for
             the joint-space modes so101_bimanual, franka_joint7 and auto).
@@ -115,10 +119,19 @@ class XVLAConfig(PreTrainedConfig):
         num_image_views: number of view slots; missing slots are zero images with a false mask.
         empty_cameras: cameras declared absent; they become zero views with a false mask.
 
+    Time anchors (the original's action "anchors")
+        anchor_horizon_s: when set, targets are `chunk_size` points evenly spaced over this many seconds,
+            interpolated from the dataset's frames (the original trained 30 anchors over 1-5 s), and the proprio
+            is the trajectory's first point; None trains on consecutive frames.
+        anchor_fps: frame rate of the dataset the anchors are interpolated from (required with anchor_horizon_s).
+
     Training
         freeze_vision_encoder / freeze_language_encoder: freeze the DaViT tower / the BART encoder.
         train_policy_transformer / train_soft_prompts: train the transformer / the soft prompts.
-        gradient_checkpointing: recompute transformer blocks in the backward pass to save memory.
+        gradient_checkpointing: recompute transformer and encoder layers in the backward pass to save memory.
+        init_domain_from: when loading a pretrained checkpoint, copy this domain's soft prompts and action heads
+            into `domain_id` (a fresh id for a new robot, started from a similar pretrained one). Applied once:
+            the saved config no longer carries it.
         checkpoint_reinit: parameter-name prefixes (under `model.`) that may differ from the loaded checkpoint;
             they keep their fresh initialisation, and tables that only grew in the domain dimension keep the
             pretrained rows. Example: ["transformer.action_encoder", "transformer.action_decoder"].
@@ -128,7 +141,10 @@ class XVLAConfig(PreTrainedConfig):
         learning_coef: learning-rate factor of the VLM and the soft prompts.
         optimizer_soft_prompt_lr_scale: further factor on the soft prompts (LeRobot built-in field).
         optimizer_soft_prompt_warmup_lr_scale: LeRobot built-in field, accepted so its configs parse; unused.
-        scheduler_*: cosine decay with warm-up.
+        freeze_steps: first steps in which only the soft prompts and the action heads train (prompt warm-up).
+        scheduler_warmup_steps: linear warm-up of the VLM and the core after the freeze phase.
+        lr_decay: "constant" (the original's default) or "cosine" from each group's rate to
+            scheduler_decay_lr / optimizer_lr of it over scheduler_decay_steps.
     """
 
     # Input / output
@@ -136,6 +152,7 @@ class XVLAConfig(PreTrainedConfig):
     chunk_size: int = 30
     n_action_steps: int = 30
     dtype: str = "float32"
+    weights_dtype: str = plugin_only("float32")
     normalization_mapping: dict[str, NormalizationMode] | None = None
 
     # Vision-language backbone
@@ -173,12 +190,17 @@ class XVLAConfig(PreTrainedConfig):
     num_image_views: int | None = None
     empty_cameras: int = 0
 
+    # Time anchors
+    anchor_horizon_s: float | None = plugin_only(None)
+    anchor_fps: float | None = plugin_only(None)
+
     # Training
     freeze_vision_encoder: bool = False
     freeze_language_encoder: bool = False
     train_policy_transformer: bool = True
     train_soft_prompts: bool = True
     gradient_checkpointing: bool = plugin_only(False)
+    init_domain_from: int | None = plugin_only(None)
     checkpoint_reinit: list[str] = plugin_only(default_factory=list)
     log_loss_terms_every: int = plugin_only(200)
     optimizer_lr: float = 1e-4
@@ -189,9 +211,11 @@ class XVLAConfig(PreTrainedConfig):
     learning_coef: float = plugin_only(0.1)
     optimizer_soft_prompt_lr_scale: float = 1.0
     optimizer_soft_prompt_warmup_lr_scale: float | None = None
-    scheduler_warmup_steps: int = 1_000
+    freeze_steps: int = plugin_only(1000)
+    scheduler_warmup_steps: int = 2000
+    lr_decay: str = plugin_only("constant")
     scheduler_decay_steps: int = 30_000
-    scheduler_decay_lr: float = 2.5e-6
+    scheduler_decay_lr: float = 1e-5
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -199,17 +223,27 @@ class XVLAConfig(PreTrainedConfig):
             raise ValueError(f"chunk_size must be > 0, got {self.chunk_size}")
         if not 0 < self.n_action_steps <= self.chunk_size:
             raise ValueError(f"n_action_steps must be in 1..chunk_size={self.chunk_size}, got {self.n_action_steps}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        for name in ("dtype", "weights_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16"):
+                raise ValueError(f"{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
+        if (self.anchor_horizon_s is None) != (self.anchor_fps is None):
+            raise ValueError("anchor_horizon_s and anchor_fps go together: set both (time anchors) or neither")
+        if self.anchor_horizon_s is not None and min(self.anchor_horizon_s, self.anchor_fps) <= 0:
+            raise ValueError(f"anchor_horizon_s and anchor_fps must be > 0, got {self.anchor_horizon_s}, {self.anchor_fps}")
         if self.num_image_views is not None and self.num_image_views <= 0:
             raise ValueError(f"num_image_views must be > 0 when set, got {self.num_image_views}")
         if self.num_denoising_steps <= 0:
             raise ValueError(f"num_denoising_steps must be > 0, got {self.num_denoising_steps}")
         mode = get_action_mode_class(self.action_mode)
-        ids = {"domain_id": self.domain_id, **{f"domain_map[{k!r}]": v for k, v in self.domain_map.items()}}
+        ids = {"domain_id": self.domain_id, "init_domain_from": self.init_domain_from}
+        ids.update({f"domain_map[{k!r}]": v for k, v in self.domain_map.items()})
         for name, value in ids.items():
             if value is not None and not 0 <= value < self.num_domains:
                 raise ValueError(f"{name} must be in [0, num_domains={self.num_domains}), got {value}")
+        if self.init_domain_from is not None and self.domain_id in (None, self.init_domain_from):
+            raise ValueError(
+                f"init_domain_from={self.init_domain_from} needs domain_id set to the new robot's (another) id"
+            )
         if self.normalization_mapping is None:
             self.normalization_mapping = {
                 "VISUAL": NormalizationMode.IDENTITY,
@@ -303,7 +337,8 @@ class XVLAConfig(PreTrainedConfig):
     # LeRobot contract
     # ----------------------------------------------------------------------------------------------------
     def get_optimizer_preset(self) -> AdamWConfig:
-        """AdamW of the original recipe; the per-group learning rates come from `XVLAPolicy.get_optim_params`."""
+        """AdamW of the original recipe; the per-group learning rates come from `XVLAPolicy.get_optim_params`
+        (`training.parameter_groups`)."""
         return AdamWConfig(
             lr=self.optimizer_lr,
             betas=self.optimizer_betas,
@@ -312,12 +347,13 @@ class XVLAConfig(PreTrainedConfig):
             grad_clip_norm=self.optimizer_grad_clip_norm,
         )
 
-    def get_scheduler_preset(self) -> CosineDecayWithWarmupSchedulerConfig:
-        return CosineDecayWithWarmupSchedulerConfig(
-            peak_lr=self.optimizer_lr,
-            decay_lr=self.scheduler_decay_lr,
+    def get_scheduler_preset(self) -> TwoStageSchedulerConfig:
+        return TwoStageSchedulerConfig(
             num_warmup_steps=self.scheduler_warmup_steps,
+            freeze_steps=self.freeze_steps,
+            decay=self.lr_decay,
             num_decay_steps=self.scheduler_decay_steps,
+            min_lr_ratio=self.scheduler_decay_lr / self.optimizer_lr,
         )
 
     @property
@@ -326,7 +362,10 @@ class XVLAConfig(PreTrainedConfig):
 
     @property
     def action_delta_indices(self) -> list[int]:
-        return list(range(self.chunk_size))
+        """Consecutive frames, or with time anchors every frame of the horizon (the current one included)."""
+        if self.anchor_horizon_s is None:
+            return list(range(self.chunk_size))
+        return list(range(math.ceil(self.anchor_horizon_s * self.anchor_fps) + 1))
 
     @property
     def reward_delta_indices(self) -> None:

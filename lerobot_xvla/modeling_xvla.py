@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lerobot.configs.default import PeftConfig
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.policies.pretrained import PreTrainedPolicy
 from lerobot.utils.constants import ACTION, OBS_LANGUAGE_TOKENS, OBS_STATE
@@ -35,12 +36,17 @@ from .checkpoints import is_original_config, load_state_dict_strict, original_co
 from .configuration_xvla import XVLAConfig
 from .florence import build_florence_encoder, encode_views, projection_dim
 from .soft_transformer import SoftPromptedTransformer
+from .training import parameter_groups, resample_anchors
 
 logger = logging.getLogger(__name__)
 
 DOMAIN_ID = "domain_id"
 ACTION_IS_PAD = "action_is_pad"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+# Layers whose weights weights_dtype="bfloat16" stores in bf16; norms and positional tables stay fp32.
+BF16_WEIGHT_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding)
+LORA_RANK = 8  # peft_train.py: LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
+LEROBOT_DEFAULT_PEFT_RANK = PeftConfig.r  # what lerobot-train passes when --peft.r is not given
 
 
 class XVLAModel(nn.Module):
@@ -67,7 +73,9 @@ class XVLAModel(nn.Module):
             max_len_seq=config.max_len_seq,
             use_hetero_proj=config.use_hetero_proj,
         )
-        self.transformer.gradient_checkpointing = config.gradient_checkpointing
+        if config.gradient_checkpointing:
+            self.transformer.gradient_checkpointing = True
+            self.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._freeze()
 
     def _freeze(self) -> None:
@@ -175,10 +183,11 @@ class XVLAPolicy(PreTrainedPolicy):
         super().__init__(config)
         if dataset_meta is not None:  # lerobot-train and lerobot-record pass the dataset's metadata
             config.resolve_domain(dataset_meta.robot_type, dataset_meta.repo_id)
+            if config.anchor_fps is not None and config.anchor_fps != dataset_meta.fps:
+                raise ValueError(f"anchor_fps={config.anchor_fps} but the dataset is recorded at {dataset_meta.fps} fps")
         config.validate_features()
         self.model = XVLAModel(config)
-        if config.dtype == "bfloat16":
-            self.model.to(torch.bfloat16)
+        self._apply_weights_dtype()
         logger.info("X-VLA implementation: lerobot_xvla %s (%s)", __version__, config.action_mode)
         self._loss_term_sums: dict[str, float] = {}
         self._loss_term_steps = 0
@@ -202,32 +211,26 @@ class XVLAPolicy(PreTrainedPolicy):
             self._loss_term_steps = 0
 
     def get_optim_params(self) -> list[dict[str, Any]]:
-        """The original's four parameter groups: VLM and soft prompts at lr * learning_coef, the per-domain
-        action heads and the transformer core (vlm_proj included) at lr."""
+        """The original's four parameter groups (`training.parameter_groups`)."""
         cfg = self.config
-        groups: dict[str, list[nn.Parameter]] = {"vlm": [], "soft_prompts": [], "action_heads": [], "transformer_core": []}
-        for name, param in self.model.named_parameters():
-            if not param.requires_grad:
-                continue
-            if name.startswith("vlm."):
-                groups["vlm"].append(param)
-            elif name.startswith("transformer.soft_prompt_hub."):
-                groups["soft_prompts"].append(param)
-            elif name.startswith(("transformer.action_encoder.", "transformer.action_decoder.")):
-                groups["action_heads"].append(param)
-            else:
-                groups["transformer_core"].append(param)
-        scale = {
-            "vlm": cfg.learning_coef,
-            "soft_prompts": cfg.learning_coef * cfg.optimizer_soft_prompt_lr_scale,
-            "action_heads": 1.0,
-            "transformer_core": 1.0,
+        return parameter_groups(self.model.named_parameters(), cfg.optimizer_lr, cfg.learning_coef, cfg.optimizer_soft_prompt_lr_scale)
+
+    def _get_default_peft_targets(self) -> dict[str, Any]:
+        """The paper's LoRA recipe: every linear layer adapted, soft prompts and per-domain heads trained in full."""
+        return {
+            "target_modules": "all-linear",
+            "modules_to_save": ["soft_prompt_hub", "action_encoder", "action_decoder"],
+            "r": LORA_RANK,
+            "lora_alpha": 2 * LORA_RANK,
         }
-        return [
-            {"name": name, "params": params, "lr": cfg.optimizer_lr * scale[name]}
-            for name, params in groups.items()
-            if params
-        ]
+
+    def wrap_with_peft(self, peft_config=None, peft_cli_overrides: dict | None = None):
+        """LeRobot's PEFT entry point; LeRobot's default rank (16) stands for "unset" and becomes the recipe's 8."""
+        overrides = dict(peft_cli_overrides or {})
+        if peft_config is None and overrides.get("r") == LEROBOT_DEFAULT_PEFT_RANK:
+            overrides.pop("r")
+            logger.info("LoRA rank %d (X-VLA recipe); pass --peft.r to choose another", LORA_RANK)
+        return super().wrap_with_peft(peft_config=peft_config, peft_cli_overrides=overrides)
 
     # ------------------------------------------------------------------------------------------------------
     # Batch -> model inputs
@@ -290,14 +293,16 @@ class XVLAPolicy(PreTrainedPolicy):
         return ids.to(device)
 
     def _proprio(self, batch: dict[str, Tensor], batch_size: int, device: torch.device) -> Tensor:
-        width = self.model.dim_proprio
-        if width == 0:
+        if self.model.dim_proprio == 0:
             return torch.zeros(batch_size, 0, device=device)
         if OBS_STATE not in batch:
             raise ValueError(f"the batch has no '{OBS_STATE}' (use_proprio=True)")
         state = batch[OBS_STATE]
-        if state.ndim == 3:
-            state = state[:, -1]
+        return self._pad_proprio(state[:, -1] if state.ndim == 3 else state)
+
+    def _pad_proprio(self, state: Tensor) -> Tensor:
+        """[B, S] -> [B, max_state_dim] (zero padding; a wider state is an error)."""
+        width = self.model.dim_proprio
         if state.shape[-1] > width:
             raise ValueError(f"'{OBS_STATE}' has {state.shape[-1]} values; max_state_dim={width}")
         return nn.functional.pad(state, (0, width - state.shape[-1]))
@@ -316,29 +321,58 @@ class XVLAPolicy(PreTrainedPolicy):
             "proprio": self._proprio(batch, batch_size, device),
         }
 
-    def _targets(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
-        """Target chunk [B, chunk_size, dim_action] and the valid-step mask [B, chunk_size] (None: all valid)."""
+    def _targets(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Targets [B, chunk_size, dim_action], their valid-step mask [B, chunk_size] (None: all valid) and,
+        with time anchors, the trajectory's first point [B, action_dim] that serves as proprio."""
         if ACTION not in batch:
             raise ValueError(f"the batch has no '{ACTION}' targets")
         actions = batch[ACTION]
         if actions.ndim == 2:
             actions = actions.unsqueeze(1)
         valid = ~batch[ACTION_IS_PAD].bool() if ACTION_IS_PAD in batch else None
-        horizon, steps = self.config.chunk_size, actions.shape[1]
+        cfg, dim_action = self.config, self.model.dim_action
+        if cfg.anchor_horizon_s is not None:
+            anchors = resample_anchors(actions, valid, cfg.anchor_horizon_s * cfg.anchor_fps, cfg.chunk_size + 1)
+            return nn.functional.pad(anchors[:, 1:], (0, dim_action - actions.shape[-1])), None, anchors[:, 0]
+        horizon, steps = cfg.chunk_size, actions.shape[1]
         if steps < horizon:
             if valid is None:
                 valid = torch.ones(actions.shape[:2], dtype=torch.bool, device=actions.device)
             valid = nn.functional.pad(valid, (0, horizon - steps), value=False)
         actions, valid = actions[:, :horizon], valid[:, :horizon] if valid is not None else None
-        padding = (0, self.model.dim_action - actions.shape[-1], 0, horizon - actions.shape[1])
-        return nn.functional.pad(actions, padding), valid
+        padding = (0, dim_action - actions.shape[-1], 0, horizon - actions.shape[1])
+        return nn.functional.pad(actions, padding), valid, None
+
+    @property
+    def _bf16_weights(self) -> bool:
+        return self.config.weights_dtype == "bfloat16"
+
+    def _apply_weights_dtype(self) -> None:
+        """weights_dtype="bfloat16": matmul and conv weights in bf16 (half the memory, bf16 kernels), while the
+        norms, the positional tables and the residual stream stay fp32 under autocast. Casting whole layers,
+        norms included, to bf16 loses about 10x more accuracy over the denoising loop."""
+        if self._bf16_weights:
+            for module in self.model.modules():
+                if isinstance(module, BF16_WEIGHT_LAYERS):
+                    module.to(torch.bfloat16)
+
+    def _autocast(self, device: torch.device):
+        """bf16 autocast when dtype="bfloat16" (over fp32 master weights) or with bf16 inference weights."""
+        enabled = self.config.dtype == "bfloat16" or self._bf16_weights
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
     # ------------------------------------------------------------------------------------------------------
     # LeRobot policy API
     # ------------------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        actions, valid = self._targets(batch)
-        losses = self.model(action=actions, action_valid=valid, **self._model_inputs(batch))
+        if self.training and self._bf16_weights:
+            raise ValueError("weights_dtype=bfloat16 is for inference; train with dtype=bfloat16 (fp32 master weights)")
+        actions, valid, first_point = self._targets(batch)
+        inputs = self._model_inputs(batch)
+        if first_point is not None:  # time anchors: the proprio is the trajectory's first point
+            inputs["proprio"] = self._pad_proprio(first_point)
+        with self._autocast(actions.device):
+            losses = self.model(action=actions, action_valid=valid, **inputs)
         loss = torch.stack(list(losses.values())).sum()
         values = torch.stack([loss, *losses.values()]).detach().float().cpu().tolist()  # one host sync
         logs = dict(zip(["loss", *losses], values, strict=True))
@@ -350,7 +384,10 @@ class XVLAPolicy(PreTrainedPolicy):
     def predict_action_chunk(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
         """[B, chunk_size, action_dim] actions in dataset units (before the postprocessor's unnormalisation)."""
         self.eval()
-        return self.model.generate_actions(**self._model_inputs(batch), steps=self.config.num_denoising_steps, noise=noise)
+        inputs = self._model_inputs(batch)
+        with self._autocast(inputs["image_input"].device):
+            actions = self.model.generate_actions(**inputs, steps=self.config.num_denoising_steps, noise=noise)
+        return actions.float()
 
     @torch.no_grad()
     def select_action(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
@@ -405,8 +442,11 @@ class XVLAPolicy(PreTrainedPolicy):
             config = load_config(directory)
         policy = cls(config, **kwargs)
         load_state_dict_strict(policy, load_file(str(directory / "model.safetensors")), reinit=config.checkpoint_reinit)
-        if config.dtype == "bfloat16":
-            policy.model.to(torch.bfloat16)
+        if config.init_domain_from is not None:
+            policy.model.transformer.copy_domain(config.init_domain_from, config.domain_id)
+            logger.info("domain %s initialised from pretrained domain %d", config.domain_id, config.init_domain_from)
+            config.init_domain_from = None  # once: checkpoints saved from here on hold the trained domain
+        policy._apply_weights_dtype()
         policy.to(config.device)
         policy.eval()
         return policy

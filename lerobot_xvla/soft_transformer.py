@@ -146,6 +146,16 @@ class SoftPromptedTransformer(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    @torch.no_grad()
+    def copy_domain(self, source: int, target: int) -> None:
+        """Start domain `target` from domain `source`: its soft prompts and every per-domain layer."""
+        tables = [m.fc for m in self.modules() if isinstance(m, DomainAwareLinear)]
+        tables += [m.bias for m in self.modules() if isinstance(m, DomainAwareLinear)]
+        if self.len_soft_prompts > 0:
+            tables.append(self.soft_prompt_hub)
+        for table in tables:
+            table.weight[target] = table.weight[source]
+
     @property
     def max_len_seq(self) -> int:
         return self.pos_emb.shape[1]

@@ -81,12 +81,42 @@ def test_resume_continues_from_the_last_checkpoint(trained):
     assert state["step"] == 6
 
 
-def test_finetune_from_policy_path(trained, dataset, tmp_path):
+def test_finetune_freeze_phase_moves_only_prompts_and_heads(trained, dataset, tmp_path):
+    """Fine-tuning from --policy.path starts with the two-stage recipe's freeze phase: over real
+    lerobot-train steps the VLM and the transformer core stay bit-identical, prompts and heads move."""
     out, _ = trained
     start = out / "checkpoints" / "000004" / "pretrained_model"
-    lerobot(
+    log = lerobot(
         "lerobot-train",
         f"--policy.path={start}",
+        "--policy.freeze_steps=100",
+        "--policy.push_to_hub=false",
+        "--dataset.repo_id=local/xvla_demo_pusht",
+        f"--dataset.root={dataset}",
+        "--steps=3",
+        "--batch_size=4",
+        "--num_workers=0",
+        "--save_freq=3",
+        "--wandb.enable=false",
+        f"--output_dir={tmp_path / 'finetune'}",
+    )
+    assert "steps 0-99 train only the soft prompts and the action heads" in log
+    before = load_file(str(start / "model.safetensors"))
+    after = load_file(str(tmp_path / "finetune" / "checkpoints" / "000003" / "pretrained_model" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    moved = {key for key in before if not torch.equal(before[key], after[key])}
+    trainable = ("soft_prompt_hub", "action_encoder", "action_decoder")
+    assert moved and all(any(part in key for part in trainable) for key in moved), sorted(moved)[:5]
+    assert {part for part in trainable if any(part in key for key in moved)} == set(trainable)
+
+
+def test_lora_adapter_trains_and_evaluates(trained, dataset, tmp_path):
+    """lerobot-train --peft.method_type=LORA with the recipe's defaults, then lerobot-eval on the adapter."""
+    out, _ = trained
+    log = lerobot(
+        "lerobot-train",
+        f"--policy.path={out / 'checkpoints' / '000004' / 'pretrained_model'}",
+        "--peft.method_type=LORA",
         "--policy.push_to_hub=false",
         "--dataset.repo_id=local/xvla_demo_pusht",
         f"--dataset.root={dataset}",
@@ -95,12 +125,42 @@ def test_finetune_from_policy_path(trained, dataset, tmp_path):
         "--num_workers=0",
         "--save_freq=2",
         "--wandb.enable=false",
-        f"--output_dir={tmp_path / 'finetune'}",
+        f"--output_dir={tmp_path / 'lora'}",
     )
-    before = load_file(str(start / "model.safetensors"))
-    after = load_file(str(tmp_path / "finetune" / "checkpoints" / "000002" / "pretrained_model" / "model.safetensors"))
-    assert before.keys() == after.keys()
-    assert not torch.equal(before["model.transformer.pos_emb"], after["model.transformer.pos_emb"])
+    assert "LoRA rank 8 (X-VLA recipe)" in log
+    adapter = tmp_path / "lora" / "checkpoints" / "000002" / "pretrained_model"
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    assert settings["r"] == 8  # "all-linear", resolved: the transformer, the BART encoder and DaViT
+    assert {"qkv", "proj", "fc1", "fc2", "q_proj", "out_proj", "vlm_proj", "aux_visual_proj"} <= set(settings["target_modules"])
+    assert set(settings["modules_to_save"]) == {"soft_prompt_hub", "action_encoder", "action_decoder"}
+    lerobot(
+        "lerobot-eval",
+        f"--policy.path={adapter}",
+        "--env.type=pusht",
+        "--env.episode_length=10",
+        "--eval.n_episodes=1",
+        "--eval.batch_size=1",
+        "--policy.device=cpu",
+        f"--output_dir={tmp_path / 'eval'}",
+    )
+    assert json.loads((tmp_path / "eval" / "eval_info.json").read_text())["overall"]["n_episodes"] == 1
+
+
+def test_ddp_with_two_cpu_processes(dataset, tokenizer_dir, tmp_path):
+    """accelerate launch runs lerobot-train as two DDP processes (gloo on the CPU)."""
+    result = subprocess.run(
+        [
+            lerobot_command("accelerate"), "launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
+            "--mixed_precision=no", "--dynamo_backend=no", lerobot_command("lerobot-train"),
+            f"--config_path={DEMO_CONFIG}", f"--dataset.root={dataset}", f"--policy.tokenizer_name={tokenizer_dir}",
+            "--steps=2", "--save_freq=2", "--log_freq=1", "--batch_size=2", f"--output_dir={tmp_path / 'ddp'}",
+        ],
+        capture_output=True, text=True, env=ENV, timeout=900,
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    assert "Effective batch size: 2 x 2 = 4" in log
+    assert (tmp_path / "ddp" / "checkpoints" / "000002" / "pretrained_model" / "model.safetensors").exists()
 
 
 def test_eval_pusht_writes_metrics_and_videos(trained, tmp_path):
