@@ -54,7 +54,8 @@ def test_padded_and_missing_steps_are_excluded_from_the_loss(policy, monkeypatch
     batch["action"] = batch["action"][:, :25]
     batch["action_is_pad"] = torch.zeros(2, 25, dtype=torch.bool)
     batch["action_is_pad"][0, 20:] = True
-    actions, valid = policy._targets(batch)
+    actions, valid, first_point = policy._targets(batch)
+    assert first_point is None  # no time anchors: the proprio stays observation.state
     assert actions.shape == (2, 30, 20)
     assert valid[0].tolist() == [True] * 20 + [False] * 10
     assert valid[1].tolist() == [True] * 25 + [False] * 5
