@@ -1,8 +1,11 @@
-"""`lerobot-xvla`: which X-VLA LeRobot uses, and checkpoint conversion.
+"""`lerobot-xvla`: which X-VLA LeRobot uses, checkpoint conversion and serving.
 
     lerobot-xvla info                 versions, and what --policy.type=xvla resolves to in LeRobot's CLIs
     lerobot-xvla convert SRC DST      any X-VLA checkpoint (original 2toINF/X-VLA format included) ->
                                       a LeRobot checkpoint directory that --policy.path accepts
+    lerobot-xvla serve CHECKPOINT     HTTP /act server for the original X-VLA clients (http_server.py)
+
+`lerobot-xvla-policy-server` is LeRobot's async-inference policy server with `xvla` accepted.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def convert(source: str, destination: Path, device: str) -> None:
     print(f"wrote {destination} ({policy.config.action_mode}, chunk {policy.config.chunk_size}, cameras {policy.config.camera_order})")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lerobot-xvla", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions and which implementation --policy.type=xvla resolves to")
@@ -73,11 +76,35 @@ def main(argv: list[str] | None = None) -> None:
     conv.add_argument("source", help="checkpoint directory or Hub id (LeRobot 0.4.x, LeRobot >= 0.6 or original format)")
     conv.add_argument("destination", type=Path)
     conv.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
+    serve = commands.add_parser("serve", help="HTTP /act server compatible with the original X-VLA clients")
+    serve.add_argument("checkpoint", help="checkpoint directory (LeRobot or original format)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind; other machines can connect only if you change it")
+    serve.add_argument("--port", type=int, default=8010)
+    serve.add_argument("--device", default="cpu")
+    serve.add_argument("--max-request-mb", type=float, default=32.0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.command == "info":
         info()
-    else:
+    elif args.command == "convert":
         convert(args.source, args.destination, args.device)
+    else:
+        from .http_server import serve
+
+        serve(args.checkpoint, args.host, args.port, args.device, args.max_request_mb)
+
+
+def policy_server() -> None:
+    """LeRobot's async-inference policy server (same arguments), accepting `xvla` policies."""
+    from lerobot.async_inference import constants
+    from lerobot.async_inference.policy_server import serve
+
+    if "xvla" not in constants.SUPPORTED_POLICIES:
+        constants.SUPPORTED_POLICIES.append("xvla")  # the list the server checks against
+    serve()
 
 
 if __name__ == "__main__":

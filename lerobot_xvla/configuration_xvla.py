@@ -30,6 +30,8 @@ from .training import TwoStageSchedulerConfig
 
 logger = logging.getLogger(__name__)
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 # Where the released checkpoints put each embodiment (the original's DATA_DOMAIN_ID and evaluation clients).
 PRETRAINED_DOMAIN_IDS: dict[str, int] = {
     "Bridge / WidowX": 0,
@@ -125,6 +127,15 @@ class XVLAConfig(PreTrainedConfig):
             is the trajectory's first point; None trains on consecutive frames.
         anchor_fps: frame rate of the dataset the anchors are interpolated from (required with anchor_horizon_s).
 
+    Inference and execution (`execution.py`)
+        compile_model / compile_mode: torch.compile the sampler (one compiled graph for the VLM pass and
+            every denoising step; "reduce-overhead" adds CUDA graphs on a GPU).
+        rtc_guidance: steer each new chunk towards the previous chunk's actions that were predicted for the
+            same steps and not executed yet (real-time chunking adapted to clean-action prediction).
+        chunk_blend_steps: cross-fade this many first actions of a new chunk with the previous chunk's.
+        use_predicted_proprio: after the first chunk, feed the last commanded action as proprio instead of
+            the measured state (the original LIBERO client); needs IDENTITY state/action normalisation.
+
     Training
         freeze_vision_encoder / freeze_language_encoder: freeze the DaViT tower / the BART encoder.
         train_policy_transformer / train_soft_prompts: train the transformer / the soft prompts.
@@ -190,6 +201,13 @@ class XVLAConfig(PreTrainedConfig):
     num_image_views: int | None = None
     empty_cameras: int = 0
 
+    # Inference and execution
+    compile_model: bool = plugin_only(False)
+    compile_mode: str = plugin_only("default")
+    rtc_guidance: bool = plugin_only(False)
+    chunk_blend_steps: int = plugin_only(0)
+    use_predicted_proprio: bool = plugin_only(False)
+
     # Time anchors
     anchor_horizon_s: float | None = plugin_only(None)
     anchor_fps: float | None = plugin_only(None)
@@ -221,15 +239,19 @@ class XVLAConfig(PreTrainedConfig):
         super().__post_init__()
         if self.chunk_size <= 0:
             raise ValueError(f"chunk_size must be > 0, got {self.chunk_size}")
-        if not 0 < self.n_action_steps <= self.chunk_size:
-            raise ValueError(f"n_action_steps must be in 1..chunk_size={self.chunk_size}, got {self.n_action_steps}")
-        for name in ("dtype", "weights_dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16"):
-                raise ValueError(f"{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
         if (self.anchor_horizon_s is None) != (self.anchor_fps is None):
             raise ValueError("anchor_horizon_s and anchor_fps go together: set both (time anchors) or neither")
         if self.anchor_horizon_s is not None and min(self.anchor_horizon_s, self.anchor_fps) <= 0:
             raise ValueError(f"anchor_horizon_s and anchor_fps must be > 0, got {self.anchor_horizon_s}, {self.anchor_fps}")
+        if not 0 < self.n_action_steps <= self.executable_steps:
+            raise ValueError(f"n_action_steps must be in 1..{self.executable_steps}, got {self.n_action_steps}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        if self.chunk_blend_steps < 0:
+            raise ValueError(f"chunk_blend_steps must be >= 0, got {self.chunk_blend_steps}")
+        for name in ("dtype", "weights_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16"):
+                raise ValueError(f"{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
         if self.num_image_views is not None and self.num_image_views <= 0:
             raise ValueError(f"num_image_views must be > 0 when set, got {self.num_image_views}")
         if self.num_denoising_steps <= 0:
@@ -250,6 +272,8 @@ class XVLAConfig(PreTrainedConfig):
                 "STATE": mode.default_normalization,
                 "ACTION": mode.default_normalization,
             }
+        if self.use_predicted_proprio and {self.normalization_mapping.get(k) for k in ("STATE", "ACTION")} != {NormalizationMode.IDENTITY}:
+            raise ValueError("use_predicted_proprio feeds actions back as proprio: it needs IDENTITY STATE and ACTION normalization")
         if self.optimizer_soft_prompt_warmup_lr_scale is not None:
             logger.warning(
                 "optimizer_soft_prompt_warmup_lr_scale is a LeRobot built-in field that lerobot_xvla ignores; "
@@ -259,6 +283,13 @@ class XVLAConfig(PreTrainedConfig):
     # ----------------------------------------------------------------------------------------------------
     # Derived views of the config
     # ----------------------------------------------------------------------------------------------------
+    @property
+    def executable_steps(self) -> int:
+        """Actions a chunk yields at the control rate: chunk_size, or the anchors' horizon in control steps."""
+        if self.anchor_horizon_s is None:
+            return self.chunk_size
+        return round(self.anchor_horizon_s * self.anchor_fps)
+
     @property
     def model_image_size(self) -> tuple[int, int]:
         """(H, W) of the images the network receives."""

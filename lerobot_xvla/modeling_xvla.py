@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import deque
+from functools import partial
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,13 @@ from lerobot.policies.pretrained import PreTrainedPolicy
 from lerobot.utils.constants import ACTION, OBS_LANGUAGE_TOKENS, OBS_STATE
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from . import __version__
 from .action_modes import build_action_mode
 from .checkpoints import is_original_config, load_state_dict_strict, original_config_to_lerobot, to_vendored
 from .configuration_xvla import XVLAConfig
+from .execution import ChunkExecutor
 from .florence import build_florence_encoder, encode_views, projection_dim
 from .soft_transformer import SoftPromptedTransformer
 from .training import parameter_groups, resample_anchors
@@ -47,6 +50,19 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 BF16_WEIGHT_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding)
 LORA_RANK = 8  # peft_train.py: LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
 LEROBOT_DEFAULT_PEFT_RANK = PeftConfig.r  # what lerobot-train passes when --peft.r is not given
+
+
+def recompute_in_backward(module: nn.Module) -> None:
+    """Gradient checkpointing of one layer: keep only its inputs in training and recompute it in the
+    backward pass. Replaces the instance's forward, so parameter names (and checkpoints) are unchanged."""
+    forward = module.forward
+
+    def checkpointed(*args, **kwargs):
+        if module.training and torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    module.forward = checkpointed
 
 
 class XVLAModel(nn.Module):
@@ -74,9 +90,16 @@ class XVLAModel(nn.Module):
             use_hetero_proj=config.use_hetero_proj,
         )
         if config.gradient_checkpointing:
-            self.transformer.gradient_checkpointing = True
-            self.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            vision_blocks = [block for stage in self.vlm.vision_tower.blocks for block in stage]
+            for layer in [*self.transformer.blocks, *self.vlm.language_model.encoder.layers, *vision_blocks]:
+                recompute_in_backward(layer)
         self._freeze()
+        if config.compile_model:
+            # Two graphs, the observation encoding and one denoising step, instead of one graph unrolled over
+            # every step: the same kernels (and CUDA graphs) at a fraction of the compile time.
+            compile_graph = partial(torch.compile, mode=config.compile_mode, dynamic=False, fullgraph=True)
+            self.encode_observation = compile_graph(self.encode_observation)
+            self.transformer.denoise = compile_graph(self.transformer.denoise)
 
     def _freeze(self) -> None:
         frozen: list[nn.Module | nn.Parameter] = []
@@ -153,24 +176,64 @@ class XVLAModel(nn.Module):
         proprio: Tensor,
         steps: int,
         noise: Tensor | None = None,
+        guidance: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """Sample an action chunk [B, chunk_size, action_dim] in dataset units with `steps` denoising steps.
 
-        noise [B, chunk_size, dim_action] is the initial x_1; drawn from N(0, I) when None.
+        noise [B, chunk_size, dim_action] is the initial x_1 (drawn from N(0, I) when None). guidance
+        (actions [B, chunk_size, action_dim], weights [chunk_size]) pulls every clean-chunk estimate towards
+        known actions (see `execution.py`); channels trained as logits are left free.
         """
         dtype = self.dtype
-        image_input, proprio = image_input.to(dtype), proprio.to(dtype)
         batch, horizon = input_ids.shape[0], self.config.chunk_size
-        context = self.transformer.encode_context(domain_id, **self.forward_vlm(input_ids, image_input, image_mask), num_actions=horizon)
-        x1 = torch.randn(batch, horizon, self.dim_action, device=proprio.device, dtype=dtype) if noise is None else noise.to(dtype)
+        if noise is None:
+            noise = torch.randn(batch, horizon, self.dim_action, device=proprio.device, dtype=dtype)
+        target = weight = None
+        if guidance is not None:
+            actions, time_weights = guidance
+            target = nn.functional.pad(actions.to(dtype), (0, self.dim_action - actions.shape[-1]))
+            channels = torch.zeros(self.dim_action, dtype=dtype, device=target.device)
+            channels[: actions.shape[-1]] = 1
+            channels[list(self.action_mode.logit_channels)] = 0
+            weight = time_weights.to(target)[None, :, None] * channels
+        actions = self.sample(input_ids, image_input.to(dtype), image_mask, domain_id, proprio.to(dtype), noise.to(dtype), steps, target, weight)
+        return self.action_mode.decode(actions)
+
+    def encode_observation(
+        self, input_ids: Tensor, image_input: Tensor, image_mask: Tensor, domain_id: Tensor, num_actions: int
+    ) -> Tensor:
+        """Everything that does not change across denoising steps: [B, T_ctx, hidden] context tokens."""
+        encoded = self.forward_vlm(input_ids, image_input, image_mask)
+        return self.transformer.encode_context(domain_id, **encoded, num_actions=num_actions)
+
+    def sample(
+        self,
+        input_ids: Tensor,
+        image_input: Tensor,
+        image_mask: Tensor,
+        domain_id: Tensor,
+        proprio: Tensor,
+        x1: Tensor,
+        steps: int,
+        target: Tensor | None = None,
+        weight: Tensor | None = None,
+    ) -> Tensor:
+        """The re-noising sampler: x_t = t * x1 + (1 - t) * x0_hat for t = 1, (steps - 1) / steps, ...
+
+        The observation is encoded once; each step is one transformer pass over the cached context.
+        Returns x0_hat [B, T, dim_action].
+        """
+        context = self.encode_observation(input_ids, image_input, image_mask, domain_id, x1.shape[1])
         mode = self.action_mode
         proprio = mode.mask_inputs(proprio)
         action = torch.zeros_like(x1)
         for i in range(steps, 0, -1):
-            t = torch.full((batch,), i / steps, device=x1.device, dtype=dtype)
+            t = torch.full((x1.shape[0],), i / steps, device=x1.device, dtype=x1.dtype)
             x_t = t[:, None, None] * x1 + (1 - t)[:, None, None] * action
             action = self.transformer.denoise(context, domain_id, mode.mask_inputs(x_t), proprio, t)
-        return mode.decode(action)
+            if target is not None:
+                action = action + weight * (target - action)
+        return action
 
 
 class XVLAPolicy(PreTrainedPolicy):
@@ -194,7 +257,7 @@ class XVLAPolicy(PreTrainedPolicy):
         self.reset()
 
     def reset(self) -> None:
-        self._action_queue: deque[Tensor] = deque(maxlen=self.config.n_action_steps)
+        self._executor = ChunkExecutor(self.config)
 
     def _log_loss_terms(self, logs: dict[str, float]) -> None:
         """Running mean of every loss term, logged every `log_loss_terms_every` training steps."""
@@ -225,20 +288,31 @@ class XVLAPolicy(PreTrainedPolicy):
         }
 
     def wrap_with_peft(self, peft_config=None, peft_cli_overrides: dict | None = None):
-        """LeRobot's PEFT entry point; LeRobot's default rank (16) stands for "unset" and becomes the recipe's 8."""
+        """LeRobot's PEFT entry point; LeRobot's default rank (16) stands for "unset" and becomes the recipe's 8.
+
+        With dtype="bfloat16" the frozen matmul and conv weights are stored in bf16: autocast would round them
+        to bf16 for every product anyway, so the results are the same and the frozen model takes half the memory.
+        """
         overrides = dict(peft_cli_overrides or {})
         if peft_config is None and overrides.get("r") == LEROBOT_DEFAULT_PEFT_RANK:
             overrides.pop("r")
             logger.info("LoRA rank %d (X-VLA recipe); pass --peft.r to choose another", LORA_RANK)
-        return super().wrap_with_peft(peft_config=peft_config, peft_cli_overrides=overrides)
+        wrapped = super().wrap_with_peft(peft_config=peft_config, peft_cli_overrides=overrides)
+        if self.config.dtype == "bfloat16":
+            for module in self.model.modules():
+                if isinstance(module, (nn.Linear, nn.Conv2d)) and not module.weight.requires_grad:
+                    module.weight.data = module.weight.data.to(torch.bfloat16)
+        return wrapped
 
     # ------------------------------------------------------------------------------------------------------
     # Batch -> model inputs
     # ------------------------------------------------------------------------------------------------------
-    def _images(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Views in camera order, resized and padded to num_image_views: images [B, V, 3, H, W], mask [B, V]."""
+    def _images(self, batch: dict[str, Tensor], absent_cameras: Collection[str] = ()) -> tuple[Tensor, Tensor]:
+        """Views in camera order, resized and padded to num_image_views: images [B, V, 3, H, W], mask [B, V].
+
+        Cameras declared empty (config) or absent (this call) become zero views with a false mask."""
         cfg = self.config
-        empty = set(cfg.empty_camera_keys)
+        empty = {*cfg.empty_camera_keys, *absent_cameras}
         views: list[Tensor | None] = []
         for key in cfg.camera_order:
             if key not in batch:
@@ -307,11 +381,11 @@ class XVLAPolicy(PreTrainedPolicy):
             raise ValueError(f"'{OBS_STATE}' has {state.shape[-1]} values; max_state_dim={width}")
         return nn.functional.pad(state, (0, width - state.shape[-1]))
 
-    def _model_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _model_inputs(self, batch: dict[str, Tensor], absent_cameras: Collection[str] = ()) -> dict[str, Tensor]:
         if OBS_LANGUAGE_TOKENS not in batch:
             raise ValueError(f"the batch has no '{OBS_LANGUAGE_TOKENS}': run the X-VLA preprocessor (its tokenizer step)")
         input_ids = batch[OBS_LANGUAGE_TOKENS]
-        images, mask = self._images(batch)
+        images, mask = self._images(batch, absent_cameras)
         batch_size, device = input_ids.shape[0], images.device
         return {
             "input_ids": input_ids,
@@ -357,9 +431,13 @@ class XVLAPolicy(PreTrainedPolicy):
                     module.to(torch.bfloat16)
 
     def _autocast(self, device: torch.device):
-        """bf16 autocast when dtype="bfloat16" (over fp32 master weights) or with bf16 inference weights."""
+        """bf16 autocast when dtype="bfloat16" (over fp32 master weights) or with bf16 inference weights.
+
+        In training the bf16 copies of the weights are not cached: each weight is used once per forward, and
+        the cache would hold a second (bf16) copy of the whole model until the backward pass.
+        """
         enabled = self.config.dtype == "bfloat16" or self._bf16_weights
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=not self.training)
 
     # ------------------------------------------------------------------------------------------------------
     # LeRobot policy API
@@ -381,22 +459,38 @@ class XVLAPolicy(PreTrainedPolicy):
         return loss, logs
 
     @torch.no_grad()
-    def predict_action_chunk(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
-        """[B, chunk_size, action_dim] actions in dataset units (before the postprocessor's unnormalisation)."""
+    def predict_action_chunk(
+        self,
+        batch: dict[str, Tensor],
+        noise: Tensor | None = None,
+        *,
+        steps: int | None = None,
+        absent_cameras: Collection[str] = (),
+        guidance: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """[B, chunk_size, action_dim] actions in dataset units (before the postprocessor's unnormalisation).
+
+        steps: denoising steps (default num_denoising_steps); absent_cameras: cameras this call has no image
+        for (masked views); guidance: see `XVLAModel.generate_actions`.
+        """
         self.eval()
-        inputs = self._model_inputs(batch)
+        inputs = self._model_inputs(batch, absent_cameras)
+        steps = steps or self.config.num_denoising_steps
         with self._autocast(inputs["image_input"].device):
-            actions = self.model.generate_actions(**inputs, steps=self.config.num_denoising_steps, noise=noise)
+            actions = self.model.generate_actions(**inputs, steps=steps, noise=noise, guidance=guidance)
         return actions.float()
 
     @torch.no_grad()
     def select_action(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
-        """Next action [B, action_dim]; predicts a chunk and queues its first n_action_steps when the queue is empty."""
-        if not self._action_queue:
-            chunk = self.predict_action_chunk(batch, noise=noise)
-            # The queue holds steps, the chunk is batch-first: [B, T, D] -> T x [B, D].
-            self._action_queue.extend(chunk[:, : self.config.n_action_steps].transpose(0, 1))
-        return self._action_queue.popleft()
+        """Next action [B, action_dim]: predicts a chunk when the queue is empty and executes its first
+        n_action_steps, with the smoothing options of the config (`execution.py`)."""
+        executor = self._executor
+        if executor.needs_chunk:
+            if self.config.use_predicted_proprio and executor.last_action is not None:
+                batch = {**batch, OBS_STATE: executor.last_action}
+            guidance = executor.guidance(self.config.chunk_size)
+            executor.add_chunk(self.predict_action_chunk(batch, noise=noise, guidance=guidance))
+        return executor.next_action()
 
     # ------------------------------------------------------------------------------------------------------
     # Checkpoints

@@ -18,7 +18,6 @@ import math
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 100.0) -> torch.Tensor:
@@ -124,7 +123,6 @@ class SoftPromptedTransformer(nn.Module):
         self.dim_time = dim_time
         self.len_soft_prompts = len_soft_prompts
         self.use_hetero_proj = use_hetero_proj
-        self.gradient_checkpointing = False
 
         self.blocks = nn.ModuleList(TransformerBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         if use_hetero_proj:
@@ -221,10 +219,7 @@ class SoftPromptedTransformer(nn.Module):
         x = self.action_encoder(tokens, domain_id) + self.pos_emb[:, :num_actions]
         x = torch.cat([x, context], dim=1)
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = block(x)
         return self.action_decoder(self.norm(x[:, :num_actions]), domain_id)
 
     def forward(

@@ -92,7 +92,7 @@ def test_primary_camera_goes_first():
     [
         ({"action_mode": "ee7d"}, "unknown action_mode 'ee7d'; registered modes: ['agibot_ee6d', 'auto', 'ee6d', 'franka_joint7', 'joint', 'so101_bimanual']"),
         ({"domain_id": 8}, "domain_id must be in [0, num_domains=8), got 8"),
-        ({"n_action_steps": 31}, "n_action_steps must be in 1..chunk_size=30, got 31"),
+        ({"n_action_steps": 31}, "n_action_steps must be in 1..30, got 31"),
         ({"dtype": "float16"}, "dtype must be 'float32' or 'bfloat16', got 'float16'"),
     ],
 )

@@ -26,9 +26,9 @@ def test_select_action_executes_n_action_steps_per_chunk(policy):
     torch.manual_seed(0)
     first = [policy.select_action(batch) for _ in range(4)]
     assert torch.equal(torch.stack(first, dim=1), chunk[:, :4])
-    assert len(policy._action_queue) == 0
+    assert len(policy._executor.queue) == 0
     fifth = policy.select_action(batch)  # a new chunk is predicted here
-    assert fifth.shape == (2, 20) and len(policy._action_queue) == 3
+    assert fifth.shape == (2, 20) and len(policy._executor.queue) == 3
     assert torch.isfinite(chunk).all()
 
 

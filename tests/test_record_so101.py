@@ -177,10 +177,10 @@ def spy_on_policy(monkeypatch, buses: dict[str, SimBus], produce=None) -> list[d
     original = XVLAPolicy.predict_action_chunk
     calls: list[dict] = []
 
-    def predict_action_chunk(self, batch, noise=None):
+    def predict_action_chunk(self, batch, noise=None, **kwargs):
         call = {"policy": type(self), "writes_before": len(all_goal_writes(buses))}
         calls.append(call)
-        real = functools.partial(original, self, batch, noise=noise)
+        real = functools.partial(original, self, batch, noise=noise, **kwargs)
         chunk = real() if produce is None else produce(len(calls) - 1, real)
         call["chunk"] = chunk.detach().clone()
         return chunk

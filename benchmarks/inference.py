@@ -1,0 +1,140 @@
+"""Latency of one action chunk: lerobot_xvla against LeRobot's built-in X-VLA, same weights, same run.
+
+    python benchmarks/inference.py [--repeats 3] [--device cpu] [--compile] [--plot benchmarks/inference_cpu.png]
+
+X-VLA-0.9B, 3 camera views at 224 x 224, 50 text tokens, 10 denoising steps, batch 1, ee6d. Both
+implementations get the same random weights (ours loads the built-in's state dict through the checkpoint
+converter) and the same initial noise. Variants are timed in interleaved rounds, so a slow phase of the
+machine hits every variant alike; the table has the median latency, the ratio to the built-in at the same
+precision, and the max abs difference of the actions from the built-in fp32 chunk.
+
+Variants: builtin fp32 / bf16 (LeRobot's dtype=bfloat16 casts every weight to bf16), ours fp32, ours bf16
+(weights_dtype=bfloat16: matmul/conv weights bf16, norms and residual stream fp32 under autocast), and with
+--compile ours compiled (torch.compile of the observation encoding and of one denoising step; on a GPU also
+"reduce-overhead", i.e. CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+import warnings
+
+import torch
+
+
+def make_policies(device: str, compile_modes: list[str]):
+    from lerobot.configs.types import FeatureType, PolicyFeature
+    from lerobot.policies.xvla.configuration_xvla import XVLAConfig as BuiltinConfig
+    from lerobot.policies.xvla.modeling_xvla import XVLAPolicy as BuiltinPolicy
+
+    import lerobot_xvla
+    from lerobot_xvla import XVLAConfig, XVLAPolicy
+    from lerobot_xvla.checkpoints import load_state_dict_strict
+    from lerobot_xvla.florence import FLORENCE2_LARGE
+
+    features = {f"observation.images.cam{i}": PolicyFeature(FeatureType.VISUAL, (3, 224, 224)) for i in range(3)}
+    features["observation.state"] = PolicyFeature(FeatureType.STATE, (20,))
+    common = dict(
+        device=device, push_to_hub=False, chunk_size=30, n_action_steps=30, tokenizer_max_length=50, max_state_dim=20,
+        input_features=features, output_features={"action": PolicyFeature(FeatureType.ACTION, (20,))},
+        florence_config=FLORENCE2_LARGE,
+    )  # fmt: skip
+    with lerobot_xvla.builtin_xvla():
+        builtin = BuiltinPolicy(BuiltinConfig(**common))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the built-in leaves its image projection uninitialised (NaN): fill everything
+        for name, param in builtin.named_parameters():
+            norm = name.endswith("weight") and param.ndim == 1
+            param.copy_((1.0 if norm else 0.0) + torch.randn(param.shape, generator=generator) * 0.02)
+    policies = {"builtin fp32": builtin.to(device).eval()}
+    for name, overrides in [("ours fp32", {}), ("ours bf16", {"weights_dtype": "bfloat16"})]:
+        ours = XVLAPolicy(XVLAConfig(**common, **overrides))
+        load_state_dict_strict(ours, builtin.state_dict())
+        ours._apply_weights_dtype()
+        policies[name] = ours.to(device).eval()
+    for mode in compile_modes:
+        compiled = XVLAPolicy(XVLAConfig(**common, weights_dtype="bfloat16", compile_model=True, compile_mode=mode))
+        load_state_dict_strict(compiled, builtin.state_dict())
+        compiled._apply_weights_dtype()
+        policies[f"ours bf16 compiled ({mode})"] = compiled.to(device).eval()
+    with lerobot_xvla.builtin_xvla():
+        builtin_bf16 = BuiltinPolicy(BuiltinConfig(**common, dtype="bfloat16"))
+    builtin_bf16.load_state_dict(builtin.state_dict())
+    builtin_bf16.model.to(torch.bfloat16)
+    policies["builtin bf16"] = builtin_bf16.to(device).eval()
+    return policies
+
+
+def observation(device: str) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    batch = {f"observation.images.cam{i}": torch.randn(1, 3, 224, 224, generator=generator) for i in range(3)}
+    batch["observation.state"] = torch.randn(1, 20, generator=generator) * 0.1
+    batch["observation.language.tokens"] = torch.randint(4, 50000, (1, 50), generator=generator)
+    batch["domain_id"] = torch.zeros(1, dtype=torch.long)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def chunk(policy, batch: dict, device: str) -> tuple[torch.Tensor, float]:
+    torch.manual_seed(0)  # the same initial noise for every variant
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    actions = policy.predict_action_chunk(batch)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return actions.float().cpu(), time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true", help="also time ours compiled")
+    parser.add_argument("--plot", help="write a bar chart of the latencies to this PNG")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    modes = ["default"] + (["reduce-overhead"] if args.device == "cuda" else []) if args.compile else []
+    policies = make_policies(args.device, modes)
+    batch = observation(args.device)
+
+    reference = None
+    first_call, times, diffs = {}, {name: [] for name in policies}, {}
+    for name, policy in policies.items():  # warm-up (and compilation) outside the timed rounds
+        actions, seconds = chunk(policy, batch, args.device)
+        first_call[name] = seconds
+        reference = actions if reference is None else reference
+        diffs[name] = (actions - reference).abs().max().item()
+    for _ in range(args.repeats):
+        for name, policy in policies.items():
+            times[name].append(chunk(policy, batch, args.device)[1])
+
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    print(f"device: {device}, torch {torch.__version__}, 3 views 224x224, 10 steps, batch 1")
+    print("\n| variant | latency per chunk (s) | vs built-in at the same precision | first call (s) | max abs diff vs built-in fp32 |")
+    print("|---|---|---|---|---|")
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    for name, median in medians.items():
+        baseline = medians["builtin bf16" if "bf16" in name else "builtin fp32"]
+        print(f"| {name} | {median:.3f} | {baseline / median:.2f}x | {first_call[name]:.1f} | {diffs[name]:.1e} |")
+    print(json.dumps({"device": device, "median_s": medians, "max_abs_diff": diffs}))
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(7, 3))
+        axis.barh(list(medians), list(medians.values()), color=["tab:gray" if "builtin" in n else "tab:blue" for n in medians])
+        axis.set_xlabel("seconds per action chunk (lower is better)")
+        axis.set_title(f"X-VLA-0.9B, 10 steps, 3 views ({device})")
+        axis.invert_yaxis()
+        figure.tight_layout()
+        figure.savefig(args.plot, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

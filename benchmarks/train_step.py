@@ -1,0 +1,152 @@
+"""One full-size X-VLA training step: lerobot_xvla against LeRobot's built-in X-VLA, in the same run.
+
+    python benchmarks/train_step.py [--steps 3] [--batch-size 2] [--variants ours_fp32,builtin_fp32,...]
+
+X-VLA-0.9B (Florence-2-large + 24 x 1024 transformer), ee6d actions, 3 camera views at 224 x 224,
+50 text tokens, chunk 30, AdamW from each implementation's own training preset, gradient clipping as
+configured. Every variant runs in a fresh process, so its peak resident memory (construction included) is
+its own. Reports the median step time (forward, backward, clip, optimizer step) after one warm-up step.
+
+Variants:
+    builtin_fp32        LeRobot built-in, dtype=float32
+    builtin_bf16        LeRobot built-in, dtype=bfloat16 (bf16 weights and optimizer state)
+    ours_fp32           lerobot_xvla, fp32
+    ours_bf16           lerobot_xvla, dtype=bfloat16: bf16 autocast over fp32 master weights and optimizer state
+    ours_bf16_gc        ours_bf16 with gradient_checkpointing=true
+    ours_lora_bf16_gc   LoRA with the recipe's defaults (r=8), bf16 autocast, gradient checkpointing
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+VARIANTS = ("builtin_fp32", "builtin_bf16", "ours_fp32", "ours_bf16", "ours_bf16_gc", "ours_lora_bf16_gc")
+
+
+def build(variant: str):
+    """(policy, optimizer, grad_clip_norm) for one variant, X-VLA-0.9B with the pretrained defaults."""
+    import torch  # noqa: F401
+    from lerobot.configs.types import FeatureType, PolicyFeature
+
+    import lerobot_xvla
+    from lerobot_xvla.florence import FLORENCE2_LARGE
+
+    features = {f"observation.images.cam{i}": PolicyFeature(FeatureType.VISUAL, (3, 224, 224)) for i in range(3)}
+    features["observation.state"] = PolicyFeature(FeatureType.STATE, (20,))
+    common = dict(
+        device="cpu", push_to_hub=False, chunk_size=30, n_action_steps=30, tokenizer_max_length=50,
+        max_state_dim=20, input_features=features, output_features={"action": PolicyFeature(FeatureType.ACTION, (20,))},
+        florence_config=FLORENCE2_LARGE, dtype="bfloat16" if "bf16" in variant or "lora" in variant else "float32",
+    )  # fmt: skip
+    if variant.startswith("builtin"):
+        from lerobot.policies.xvla.configuration_xvla import XVLAConfig
+        from lerobot.policies.xvla.modeling_xvla import XVLAPolicy
+
+        with lerobot_xvla.builtin_xvla():
+            config = XVLAConfig(**common)
+            policy = XVLAPolicy(config)
+        params = policy.get_optim_params()
+    else:
+        from lerobot.configs.default import PeftConfig
+
+        from lerobot_xvla import XVLAConfig, XVLAPolicy
+
+        config = XVLAConfig(
+            **common,
+            freeze_steps=0,
+            gradient_checkpointing=variant.endswith("_gc"),
+            pretrained_path="benchmark" if "lora" in variant else None,
+        )
+        policy = XVLAPolicy(config)
+        if "lora" in variant:
+            policy = policy.wrap_with_peft(peft_cli_overrides=dataclasses.asdict(PeftConfig()))
+        params = policy.get_optim_params()
+    preset = config.get_optimizer_preset()
+    return policy, preset.build(params), preset.grad_clip_norm
+
+
+def batch(batch_size: int):
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    data = {f"observation.images.cam{i}": torch.randn(batch_size, 3, 224, 224, generator=generator) for i in range(3)}
+    data["observation.state"] = torch.randn(batch_size, 20, generator=generator) * 0.1
+    data["observation.language.tokens"] = torch.randint(4, 50000, (batch_size, 50), generator=generator)
+    data["action"] = torch.randn(batch_size, 30, 20, generator=generator) * 0.1
+    data["action"][..., [9, 19]] = (data["action"][..., [9, 19]] > 0).float()
+    data["domain_id"] = torch.zeros(batch_size, dtype=torch.long)
+    return data
+
+
+def run_variant(variant: str, steps: int, batch_size: int) -> dict:
+    import torch
+
+    warnings.filterwarnings("ignore")
+    start = time.perf_counter()
+    policy, optimizer, clip = build(variant)
+    build_s = time.perf_counter() - start
+    policy.train()
+    data = batch(batch_size)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        loss, _ = policy.forward(data)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - start)
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    return {
+        "variant": variant,
+        "step_s": statistics.median(times[1:]),
+        "peak_gb": peak_gb,
+        "build_s": build_s,
+        "trainable_m": sum(p.numel() for p in trainable) / 1e6,
+        "loss": float(loss),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_variant(args.child, args.steps, args.batch_size)))
+        return
+
+    import torch
+
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    results = {}
+    for variant in args.variants.split(","):
+        command = [sys.executable, __file__, f"--child={variant}", f"--steps={args.steps}", f"--batch-size={args.batch_size}"]
+        output = subprocess.run(command, capture_output=True, text=True)
+        if output.returncode != 0:
+            print(f"{variant}: failed\n{output.stderr[-3000:]}")
+            continue
+        results[variant] = json.loads(output.stdout.strip().splitlines()[-1])
+        print(json.dumps(results[variant]), flush=True)
+
+    reference = results.get("builtin_fp32")
+    print(f"\n| variant | step (s) | vs built-in fp32 | peak memory (GB) | trainable (M) |\n|---|---|---|---|---|")
+    for variant, r in results.items():
+        ratio = f"{reference['step_s'] / r['step_s']:.2f}x faster" if reference else "-"
+        print(f"| {variant} | {r['step_s']:.1f} | {ratio} | {r['peak_gb']:.1f} | {r['trainable_m']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
