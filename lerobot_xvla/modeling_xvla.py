@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from functools import partial
 from collections.abc import Collection
+from functools import partial
 from pathlib import Path
 from typing import Any
 
