@@ -1,11 +1,16 @@
 """One full-size X-VLA training step: lerobot_xvla against LeRobot's built-in X-VLA, in the same run.
 
     python benchmarks/train_step.py [--steps 3] [--batch-size 2] [--variants ours_fp32,builtin_fp32,...]
+                                    [--jemalloc /usr/lib/x86_64-linux-gnu/libjemalloc.so.2]
 
 X-VLA-0.9B (Florence-2-large + 24 x 1024 transformer), ee6d actions, 3 camera views at 224 x 224,
 50 text tokens, chunk 30, AdamW from each implementation's own training preset, gradient clipping as
 configured. Every variant runs in a fresh process, so its peak resident memory (construction included) is
 its own. Reports the median step time (forward, backward, clip, optimizer step) after one warm-up step.
+
+--jemalloc runs every variant with jemalloc preloaded (MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1:
+freed memory is reused, never returned), instead of glibc's malloc, whose fragmentation adds 1.5-2 GB to
+a full fine-tuning step here (Debian: `apt-get install libjemalloc2`).
 
 Variants:
     builtin_fp32        LeRobot built-in, dtype=float32
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import resource
 import statistics
@@ -122,6 +128,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--jemalloc", help="path of libjemalloc.so.2 to preload in every variant's process")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -130,11 +137,16 @@ def main() -> None:
 
     import torch
 
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    allocator = "glibc malloc"
+    env = dict(os.environ)
+    if args.jemalloc:
+        env.update(LD_PRELOAD=args.jemalloc, MALLOC_CONF="dirty_decay_ms:-1,muzzy_decay_ms:-1")
+        allocator = "jemalloc (no decay)"
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, {allocator}")
     results = {}
     for variant in args.variants.split(","):
         command = [sys.executable, __file__, f"--child={variant}", f"--steps={args.steps}", f"--batch-size={args.batch_size}"]
-        output = subprocess.run(command, capture_output=True, text=True)
+        output = subprocess.run(command, capture_output=True, text=True, env=env)
         if output.returncode != 0:
             print(f"{variant}: failed\n{output.stderr[-3000:]}")
             continue
