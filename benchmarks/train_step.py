@@ -40,7 +40,6 @@ VARIANTS = ("builtin_fp32", "builtin_bf16", "ours_fp32", "ours_bf16", "ours_bf16
 
 def build(variant: str):
     """(policy, optimizer, grad_clip_norm) for one variant, X-VLA-0.9B with the pretrained defaults."""
-    import torch  # noqa: F401
     from lerobot.configs.types import FeatureType, PolicyFeature
 
     import lerobot_xvla
@@ -154,7 +153,7 @@ def main() -> None:
         print(json.dumps(results[variant]), flush=True)
 
     reference = results.get("builtin_fp32")
-    print(f"\n| variant | step (s) | vs built-in fp32 | peak memory (GB) | trainable (M) |\n|---|---|---|---|---|")
+    print("\n| variant | step (s) | vs built-in fp32 | peak memory (GB) | trainable (M) |\n|---|---|---|---|---|")
     for variant, r in results.items():
         ratio = f"{reference['step_s'] / r['step_s']:.2f}x faster" if reference else "-"
         print(f"| {variant} | {r['step_s']:.1f} | {ratio} | {r['peak_gb']:.1f} | {r['trainable_m']:.1f} |")

@@ -11,11 +11,9 @@ Three layouts of the same weights exist:
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -222,7 +220,3 @@ def original_config_to_lerobot(config: Mapping[str, Any]) -> dict[str, Any]:
     kwargs["output_features"] = {ACTION: PolicyFeature(type=FeatureType.ACTION, shape=(mode.action_dim,))}
     return kwargs
 
-
-def read_config_json(path: Path) -> dict[str, Any]:
-    with open(path / "config.json") as f:
-        return json.load(f)

@@ -12,7 +12,6 @@ import copy
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import BartConfig, Florence2Config, Florence2Model
 
 # Florence-2-large in the remote-code format of `config.json` files: the vision-language backbone of X-VLA-0.9B.

@@ -50,11 +50,6 @@ def plugin_active() -> bool:
     return PreTrainedConfig._choice_registry.get(TYPE_NAME) is XVLAConfig
 
 
-def active_implementation() -> str:
-    """Module of the config class that `xvla` resolves to."""
-    return PreTrainedConfig._choice_registry[TYPE_NAME].__module__
-
-
 def _replace_everywhere(owner, name: str, make_wrapper) -> None:
     """Replace `owner.name` by `make_wrapper(original)`, also in lerobot modules that imported it already."""
     original = getattr(owner, name)
