@@ -68,8 +68,8 @@ def build(variant: str):
         config = XVLAConfig(
             **common,
             freeze_steps=0,  # every group trains: a full fine-tuning step
-            # LeRobot's wrap_with_peft refuses LoRA without a pretrained path; the weights do not matter here.
             gradient_checkpointing=variant.endswith("_gc"),
+            # LeRobot's wrap_with_peft refuses LoRA without a pretrained path; the weights do not matter here.
             pretrained_path="benchmark" if "lora" in variant else None,
         )
         policy = XVLAPolicy(config)
