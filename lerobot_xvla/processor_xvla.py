@@ -216,8 +216,9 @@ def reconcile_loaded_processors(
 
     * The domain step follows the config's domain settings; a config without `domain_id` adopts the
       checkpoint's (LeRobot's built-in X-VLA keeps the id only in its preprocessor).
-    * A postprocessor without `xvla_action_guard` (files of LeRobot's built-in X-VLA, `lerobot/xvla-*`) gets
-      one, bounded by the unnormaliser's statistics when they have min/max.
+    * The action guard takes its bounds from the unnormaliser's statistics when they have min/max, so
+      fine-tuning on another dataset (lerobot-train overrides those statistics) moves the bounds with it; a
+      postprocessor without `xvla_action_guard` (files of LeRobot's built-in X-VLA, `lerobot/xvla-*`) gets one.
     """
     domain_step = next((s for s in preprocessor.steps if isinstance(s, AddDomainIdStep)), None)
     if domain_step is not None:
@@ -226,16 +227,18 @@ def reconcile_loaded_processors(
         domain_step.domain_id = config.domain_id
         domain_step.feature_key = config.domain_feature_key
         domain_step.num_domains = config.num_domains
-    if any(isinstance(step, ActionGuardStep) for step in postprocessor.steps):
-        return
     unnormalizer = next((s for s in postprocessor.steps if isinstance(s, UnnormalizerProcessorStep)), None)
     stats = getattr(unnormalizer, "_tensor_stats", None) or getattr(unnormalizer, "stats", None)
-    guard = ActionGuardStep.from_stats(stats)
-    logger.warning(
-        "the checkpoint's postprocessor has no xvla_action_guard; added one (non-finite actions raise%s)",
-        "" if guard.low is None else ", actions are clamped to the training range",
-    )
-    postprocessor.steps.append(guard)
+    bounds = ActionGuardStep.from_stats(stats)
+    guard = next((s for s in postprocessor.steps if isinstance(s, ActionGuardStep)), None)
+    if guard is None:
+        logger.warning(
+            "the checkpoint's postprocessor has no xvla_action_guard; added one (non-finite actions raise%s)",
+            "" if bounds.low is None else ", actions are clamped to the training range",
+        )
+        postprocessor.steps.append(bounds)
+    elif bounds.low is not None:
+        guard.low, guard.high = bounds.low, bounds.high
 
 
 # Registry names; the first three are shared with LeRobot's built-in X-VLA (see `registration.install`).

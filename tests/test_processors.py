@@ -170,6 +170,19 @@ def test_domain_id_of_a_builtin_preprocessor_is_adopted_unless_the_config_sets_o
     assert pre(observation())["domain_id"].tolist() == [6]
 
 
+def test_guard_bounds_follow_overridden_statistics(tmp_path, tokenizer_dir):
+    """Fine-tuning from --policy.path on another dataset: lerobot-train overrides the unnormaliser's
+    statistics, and the guard's bounds follow them."""
+    config = tiny_config(tokenizer_name=tokenizer_dir)
+    for pipeline in make_xvla_pre_post_processors(config, dataset_stats=STATS):
+        pipeline.save_pretrained(tmp_path)
+    wider = {"action": {**STATS["action"], "min": -torch.ones(20) * 3, "max": torch.ones(20) * 3}}
+    _, post = make_pre_post_processors(
+        config, pretrained_path=str(tmp_path), postprocessor_overrides={"unnormalizer_processor": {"stats": wider}}
+    )
+    assert post(torch.full((1, 20), 7.0)).tolist() == [[3.0] * 20]
+
+
 def test_builtin_checkpoints_get_the_action_guard_too(tmp_path, tokenizer_dir):
     """Processor files of LeRobot's built-in X-VLA have no guard; loading them for our policy adds one,
     bounded by the checkpoint's own action statistics."""
