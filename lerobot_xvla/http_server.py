@@ -27,6 +27,7 @@ import binascii
 import json
 import logging
 import math
+import sys
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -102,7 +103,7 @@ def decode_image(value: Any, field: str) -> torch.Tensor:
         raise BadRequest(f"'{field}' must be an HxWx3 uint8 RGB image, got {array.dtype} {array.shape}")
     if not (1 <= array.shape[0] <= MAX_IMAGE_SIDE and 1 <= array.shape[1] <= MAX_IMAGE_SIDE):
         raise BadRequest(f"'{field}' is {array.shape[0]}x{array.shape[1]}; each side must be 1..{MAX_IMAGE_SIDE}")
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # frombuffer arrays are read-only
 
 
 def _integer(payload: dict, field: str, low: int, high: int, default: int | None = None) -> int:
@@ -162,12 +163,12 @@ class XVLAService:
         if config.use_proprio:
             if "proprio" not in payload:
                 raise BadRequest("'proprio' is required")
-            proprio = decode_array(payload["proprio"], "proprio").astype(np.float32)
+            proprio = decode_array(payload["proprio"], "proprio")
             if proprio.ndim != 1 or not 1 <= proprio.size <= config.max_state_dim:
                 raise BadRequest(f"'proprio' must be 1-D with 1..{config.max_state_dim} values, got shape {proprio.shape}")
-            if not np.isfinite(proprio).all():
-                raise BadRequest("'proprio' has non-finite values")
-            observation["observation.state"] = torch.from_numpy(proprio.copy())
+            if not (np.isfinite(proprio) & (np.abs(proprio) <= np.finfo(np.float32).max)).all():
+                raise BadRequest("'proprio' must hold finite float32 values")
+            observation["observation.state"] = torch.from_numpy(proprio.astype(np.float32))
         observation["domain_id"] = _integer(payload, "domain_id", 0, config.num_domains - 1)
         steps = _integer(payload, "steps", 1, MAX_STEPS, default=config.num_denoising_steps)
         return observation, absent, steps
@@ -237,9 +238,19 @@ def make_handler(service: XVLAService, max_request_bytes: int) -> type[BaseHTTPR
     return Handler
 
 
+class XVLAHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: tuple) -> None:
+        """A client that hangs up is routine (logged at debug); anything else is logged with its traceback."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            logger.debug("client %s disconnected", client_address)
+        else:
+            logger.exception("X-VLA server: request from %s failed", client_address)
+
+
 def make_server(service: XVLAService, host: str = "127.0.0.1", port: int = 8010, max_request_mb: float = 32) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((host, port), make_handler(service, int(max_request_mb * 1024 * 1024)))
-    server.daemon_threads = True
+    server = XVLAHTTPServer((host, port), make_handler(service, int(max_request_mb * 1024 * 1024)))
     return server
 
 

@@ -87,6 +87,12 @@ def test_encoded_jpeg_views_and_absent_views(server):
     assert status == 200, reply
 
 
+@pytest.mark.parametrize("proprio", [[1e40] * 3, json_numpy.dumps(np.full(20, np.nan, np.float32))])
+def test_proprio_outside_float32_is_named(server, proprio):
+    status, reply = post(server, json.dumps({**payload(), "proprio": proprio}).encode())
+    assert (status, reply) == (400, {"error": "'proprio' must hold finite float32 values"})
+
+
 def test_eight_concurrent_clients(server):
     def client(seed: int) -> list[int]:
         return [post(server, json.dumps(payload(seed * 10 + i)).encode())[0] for i in range(3)]
