@@ -250,6 +250,21 @@ PROCESSOR_STEPS: dict[str, type[ProcessorStep]] = {
 }
 
 
+def _tokenizer_step(config: XVLAConfig) -> TokenizerProcessorStep:
+    try:
+        return TokenizerProcessorStep(
+            tokenizer_name=config.tokenizer_name,
+            max_length=config.tokenizer_max_length,
+            padding=config.pad_language_to,
+            padding_side=config.tokenizer_padding_side,
+        )
+    except (OSError, ValueError) as error:  # not found, not reachable offline, or not a valid Hub id
+        raise ValueError(
+            f"policy.tokenizer_name={config.tokenizer_name!r} could not be loaded: give a local tokenizer directory "
+            f"or a Hub id that is reachable or cached ({error})"
+        ) from error
+
+
 def make_xvla_pre_post_processors(
     config: XVLAConfig,
     dataset_stats: dict[str, dict[str, torch.Tensor]] | None = None,
@@ -262,12 +277,7 @@ def make_xvla_pre_post_processors(
     input_steps: list[ProcessorStep] = [
         RenameObservationsProcessorStep(rename_map={}),
         AddBatchDimensionProcessorStep(),
-        TokenizerProcessorStep(
-            tokenizer_name=config.tokenizer_name,
-            max_length=config.tokenizer_max_length,
-            padding=config.pad_language_to,
-            padding_side=config.tokenizer_padding_side,
-        ),
+        _tokenizer_step(config),
         ImageToFloatStep(),
         ImageNetNormalizeStep(),
         AddDomainIdStep(config.domain_id or 0, config.domain_feature_key, config.num_domains),

@@ -15,8 +15,8 @@ All code that depends on LeRobot's internals or version lives here.
   `make_env_pre_post_processors` and `make_policy` so envs with an adapter (`env_adapters.py`) get ours.
 * The X-VLA processor-step names (`xvla_image_to_float`, ...) point at our steps, which take the same
   config keys, so processor files of either implementation load.
-* Processors then resolve by LeRobot's convention (`lerobot_xvla.processor_xvla.make_xvla_pre_post_processors`)
-  because our config is not a subclass of the built-in one.
+* New processors of our config come from `make_xvla_pre_post_processors` (the module LeRobot's naming
+  convention would find too, but its fallback hides the real error of any failure).
 
 Set `LEROBOT_XVLA_BUILTIN=1` to leave LeRobot's built-in X-VLA in charge.
 """
@@ -38,7 +38,7 @@ from lerobot.processor import ProcessorStepRegistry
 
 from .configuration_xvla import XVLAConfig
 from .env_adapters import env_adapter
-from .processor_xvla import PROCESSOR_STEPS, reconcile_loaded_processors
+from .processor_xvla import PROCESSOR_STEPS, make_xvla_pre_post_processors, reconcile_loaded_processors
 
 BUILTIN_SWITCH = "LEROBOT_XVLA_BUILTIN"
 TYPE_NAME = "xvla"
@@ -89,13 +89,18 @@ def _adapt_policy_to_env(original):
 
 
 def _reconciled_processors(original):
-    """make_pre_post_processors: processors loaded from any X-VLA checkpoint agree with our config and end
-    with the action guard (`processor_xvla.reconcile_loaded_processors`)."""
+    """make_pre_post_processors: new X-VLA processors come straight from ours (LeRobot's fallback for plugin
+    policies turns every error, a tokenizer that cannot be found included, into "not implemented");
+    processors loaded from any X-VLA checkpoint agree with our config and end with the action guard
+    (`processor_xvla.reconcile_loaded_processors`)."""
 
-    def wrapper(policy_cfg, *args, **kwargs):
-        preprocessor, postprocessor = original(policy_cfg, *args, **kwargs)
-        if isinstance(policy_cfg, XVLAConfig):
-            reconcile_loaded_processors(preprocessor, postprocessor, policy_cfg)
+    def wrapper(policy_cfg, pretrained_path=None, **kwargs):
+        if not isinstance(policy_cfg, XVLAConfig):
+            return original(policy_cfg, pretrained_path, **kwargs)
+        if not pretrained_path:
+            return make_xvla_pre_post_processors(policy_cfg, dataset_stats=kwargs.get("dataset_stats"))
+        preprocessor, postprocessor = original(policy_cfg, pretrained_path, **kwargs)
+        reconcile_loaded_processors(preprocessor, postprocessor, policy_cfg)
         return preprocessor, postprocessor
 
     return wrapper

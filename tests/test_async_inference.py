@@ -52,7 +52,7 @@ def test_policy_server_drives_the_robot_client(checkpoint, robot, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     server = subprocess.Popen(
         [lerobot_command("lerobot-xvla-policy-server"), "--host=127.0.0.1", f"--port={port}", "--fps=10"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,  # it writes logs/ there
     )  # fmt: skip
     try:
         wait_for_port(port, server)

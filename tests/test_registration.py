@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -44,6 +45,13 @@ def test_factory_functions_resolve_to_the_plugin(tokenizer_dir):
     steps = [type(step) for step in preprocessor.steps]
     assert ImageToFloatStep in steps and ImageNetNormalizeStep in steps
     assert factory.get_policy_class("act").__name__ == "ACTPolicy"  # other policies untouched
+
+
+def test_processor_errors_are_not_masked(tmp_path):
+    """LeRobot's plugin fallback would report "Processor for policy type 'xvla' is not implemented"."""
+    missing = str(tmp_path / "no_tokenizer")
+    with pytest.raises(ValueError, match=re.escape(f"policy.tokenizer_name='{missing}' could not be loaded")):
+        factory.make_pre_post_processors(tiny_config(tokenizer_name=missing))
 
 
 def test_cli_type_parses_into_the_plugin_config():
