@@ -239,6 +239,8 @@ class XVLAConfig(PreTrainedConfig):
         super().__post_init__()
         if self.chunk_size <= 0:
             raise ValueError(f"chunk_size must be > 0, got {self.chunk_size}")
+        if self.depth <= 0:
+            raise ValueError(f"depth (transformer blocks) must be > 0, got {self.depth}")
         if (self.anchor_horizon_s is None) != (self.anchor_fps is None):
             raise ValueError("anchor_horizon_s and anchor_fps go together: set both (time anchors) or neither")
         if self.anchor_horizon_s is not None and min(self.anchor_horizon_s, self.anchor_fps) <= 0:

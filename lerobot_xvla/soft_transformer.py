@@ -6,6 +6,8 @@ Token layout of one denoising pass, for T_a action tokens and the encoded contex
     then soft_prompts[domain] (len_soft_prompts tokens, no positional embedding) appended at the end
     -> depth x pre-LN block (bidirectional, no mask) -> LayerNorm -> first T_a tokens -> action_decoder
 
+(the last block computes only the first T_a tokens past its attention: the same result with less work.)
+
 Parameter names and memory layouts equal the original's, so its checkpoints load unchanged.
 Everything that does not depend on the noisy action (the context projections, their positional
 embeddings and the soft prompts) is computed once by `encode_context` and reused by every `denoise` call.
@@ -67,11 +69,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
+        """x [B, S, D] -> [B, num_queries or S, D]: every token is attended to, the first num_queries attend."""
         batch, seq, dim = x.shape
         q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        q = q[:, :, :num_queries]
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj(x.transpose(1, 2).reshape(batch, seq, dim))
+        return self.proj(x.transpose(1, 2).flatten(2))
 
 
 class Mlp(nn.Module):
@@ -86,7 +90,11 @@ class Mlp(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x)).
+
+    With num_outputs, only the first num_outputs tokens are computed past the attention (they still attend
+    to every token): the last block of the denoiser only needs the action tokens.
+    """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float) -> None:
         super().__init__()
@@ -95,8 +103,8 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(hidden_size)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, num_outputs: int | None = None) -> torch.Tensor:
+        x = x[:, :num_outputs] + self.attn(self.norm1(x), num_outputs)
         return x + self.mlp(self.norm2(x))
 
 
@@ -218,9 +226,10 @@ class SoftPromptedTransformer(nn.Module):
         )
         x = self.action_encoder(tokens, domain_id) + self.pos_emb[:, :num_actions]
         x = torch.cat([x, context], dim=1)
-        for block in self.blocks:
+        for block in self.blocks[:-1]:
             x = block(x)
-        return self.action_decoder(self.norm(x[:, :num_actions]), domain_id)
+        x = self.blocks[-1](x, num_outputs=num_actions)  # only the action tokens are decoded
+        return self.action_decoder(self.norm(x), domain_id)
 
     def forward(
         self,

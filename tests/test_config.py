@@ -94,6 +94,7 @@ def test_primary_camera_goes_first():
         ({"domain_id": 8}, "domain_id must be in [0, num_domains=8), got 8"),
         ({"n_action_steps": 31}, "n_action_steps must be in 1..30, got 31"),
         ({"dtype": "float16"}, "dtype must be 'float32' or 'bfloat16', got 'float16'"),
+        ({"depth": 0}, "depth (transformer blocks) must be > 0, got 0"),
     ],
 )
 def test_invalid_fields_are_refused(overrides, message):
