@@ -128,8 +128,8 @@ class XVLAConfig(PreTrainedConfig):
         anchor_fps: frame rate of the dataset the anchors are interpolated from (required with anchor_horizon_s).
 
     Inference and execution (`execution.py`)
-        compile_model / compile_mode: torch.compile the sampler (one compiled graph for the VLM pass and
-            every denoising step; "reduce-overhead" adds CUDA graphs on a GPU).
+        compile_model / compile_mode: torch.compile the sampler as two graphs, the observation encoding and
+            one denoising step; on a GPU "reduce-overhead" and "max-autotune" also capture CUDA graphs.
         rtc_guidance: steer each new chunk towards the previous chunk's actions that were predicted for the
             same steps and not executed yet (real-time chunking adapted to clean-action prediction).
         chunk_blend_steps: cross-fade this many first actions of a new chunk with the previous chunk's.

@@ -48,6 +48,7 @@ ACTION_IS_PAD = "action_is_pad"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 # Layers whose weights weights_dtype="bfloat16" stores in bf16; norms and positional tables stay fp32.
 BF16_WEIGHT_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding)
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs on a GPU
 LORA_RANK = 8  # peft_train.py: LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
 LEROBOT_DEFAULT_PEFT_RANK = PeftConfig.r  # what lerobot-train passes when --peft.r is not given
 
@@ -100,6 +101,7 @@ class XVLAModel(nn.Module):
             compile_graph = partial(torch.compile, mode=config.compile_mode, dynamic=False, fullgraph=True)
             self.encode_observation = compile_graph(self.encode_observation)
             self.transformer.denoise = compile_graph(self.transformer.denoise)
+        self.uses_cuda_graphs = config.compile_model and config.compile_mode in CUDA_GRAPH_MODES
 
     def _freeze(self) -> None:
         frozen: list[nn.Module | nn.Parameter] = []
@@ -223,6 +225,7 @@ class XVLAModel(nn.Module):
         The observation is encoded once; each step is one transformer pass over the cached context.
         Returns x0_hat [B, T, dim_action].
         """
+        self._new_graph_step()
         context = self.encode_observation(input_ids, image_input, image_mask, domain_id, x1.shape[1])
         mode = self.action_mode
         proprio = mode.mask_inputs(proprio)
@@ -230,10 +233,18 @@ class XVLAModel(nn.Module):
         for i in range(steps, 0, -1):
             t = torch.full((x1.shape[0],), i / steps, device=x1.device, dtype=x1.dtype)
             x_t = t[:, None, None] * x1 + (1 - t)[:, None, None] * action
+            self._new_graph_step()
             action = self.transformer.denoise(context, domain_id, mode.mask_inputs(x_t), proprio, t)
             if target is not None:
                 action = action + weight * (target - action)
-        return action
+        # A CUDA graph's output buffer is overwritten by its next replay; the chunk outlives it.
+        return action.clone() if self.uses_cuda_graphs else action
+
+    def _new_graph_step(self) -> None:
+        """With CUDA graphs, tell torch that the previous replay's outputs are consumed, so their buffers can
+        be reused instead of being kept alive (or the graph re-recorded) at every denoising step."""
+        if self.uses_cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
 
 
 class XVLAPolicy(PreTrainedPolicy):

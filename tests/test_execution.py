@@ -54,6 +54,24 @@ def test_compiled_sampler_matches_eager(weights):
     assert (actual - expected).abs().max() < 1e-5  # measured: 4.8e-7 on this CPU
 
 
+def test_cuda_graph_mode_marks_every_replay_and_keeps_the_chunk(weights, monkeypatch):
+    """compile_mode=reduce-overhead (CUDA graphs on a GPU; plain compilation here): every graph call starts a
+    new cudagraph step, and the returned chunk is a copy that the next chunk's replays cannot overwrite."""
+    eager, compiled = policy_with(weights), policy_with(weights, compile_model=True, compile_mode="reduce-overhead")
+    marks = []
+    original_mark = torch.compiler.cudagraph_mark_step_begin
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(original_mark()))
+    batch = make_batch(eager.config)
+    torch.manual_seed(0)
+    expected = eager.predict_action_chunk(batch, steps=3)
+    torch.manual_seed(0)
+    first = compiled.predict_action_chunk(batch, steps=3)
+    kept = first.clone()
+    compiled.predict_action_chunk(batch, steps=3)
+    assert len(marks) == 2 * (1 + 3)  # the observation encoding and each denoising step, per chunk
+    assert torch.equal(first, kept) and (first - expected).abs().max() < 1e-5
+
+
 def test_rtc_weights_follow_the_overlap():
     weights = guidance_weights(overlap=8, horizon=12)
     assert weights.shape == (12,) and weights[8:].abs().sum() == 0
