@@ -250,8 +250,7 @@ class XVLAHTTPServer(ThreadingHTTPServer):
 
 
 def make_server(service: XVLAService, host: str = "127.0.0.1", port: int = 8010, max_request_mb: float = 32) -> ThreadingHTTPServer:
-    server = XVLAHTTPServer((host, port), make_handler(service, int(max_request_mb * 1024 * 1024)))
-    return server
+    return XVLAHTTPServer((host, port), make_handler(service, int(max_request_mb * 1024 * 1024)))
 
 
 def serve(checkpoint: str, host: str, port: int, device: str, max_request_mb: float) -> None:
