@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from common import dataset_observation
 
 STEPS = (1, 2, 5, 10)
 
@@ -26,22 +27,18 @@ def main() -> None:
     args = parser.parse_args()
 
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
-    from lerobot.policies.factory import make_pre_post_processors
 
-    from lerobot_xvla import XVLAPolicy
-    from lerobot_xvla.modeling_xvla import load_config
+    from lerobot_xvla.modeling_xvla import load_for_inference
 
-    config = load_config(args.checkpoint)
-    config.device = "cpu"
-    policy = XVLAPolicy.from_pretrained(args.checkpoint, config=config)
-    preprocessor, postprocessor = make_pre_post_processors(config, pretrained_path=str(args.checkpoint))
+    policy, preprocessor, postprocessor = load_for_inference(args.checkpoint)
+    config = policy.config
     dataset = LeRobotDataset("local/data", root=args.dataset_root)
     action_std = torch.as_tensor(dataset.meta.stats["action"]["std"]).float()
     indices = torch.linspace(0, len(dataset) - 1, args.frames).long().tolist()
     drifts = {steps: [] for steps in STEPS}
     for index in indices:
         item = dataset[index]
-        batch = preprocessor({k: v for k, v in item.items() if k.startswith("observation.")} | {"task": item["task"]})
+        batch = preprocessor(dataset_observation(item))
         noise = torch.randn(1, config.chunk_size, policy.model.dim_action, generator=torch.Generator().manual_seed(index))
         chunks = {s: postprocessor(policy.predict_action_chunk(batch, noise=noise, steps=s)[0]) for s in STEPS}
         for steps in STEPS:

@@ -24,25 +24,18 @@ import time
 import warnings
 
 import torch
+from common import full_size_kwargs, random_batch
 
 
 def make_policies(device: str, compile_modes: list[str]):
-    from lerobot.configs.types import FeatureType, PolicyFeature
     from lerobot.policies.xvla.configuration_xvla import XVLAConfig as BuiltinConfig
     from lerobot.policies.xvla.modeling_xvla import XVLAPolicy as BuiltinPolicy
 
     import lerobot_xvla
     from lerobot_xvla import XVLAConfig, XVLAPolicy
     from lerobot_xvla.checkpoints import load_state_dict_strict
-    from lerobot_xvla.florence import FLORENCE2_LARGE
 
-    features = {f"observation.images.cam{i}": PolicyFeature(FeatureType.VISUAL, (3, 224, 224)) for i in range(3)}
-    features["observation.state"] = PolicyFeature(FeatureType.STATE, (20,))
-    common = dict(
-        device=device, push_to_hub=False, chunk_size=30, n_action_steps=30, tokenizer_max_length=50, max_state_dim=20,
-        input_features=features, output_features={"action": PolicyFeature(FeatureType.ACTION, (20,))},
-        florence_config=FLORENCE2_LARGE,
-    )  # fmt: skip
+    common = full_size_kwargs(device)
     with lerobot_xvla.builtin_xvla():
         builtin = BuiltinPolicy(BuiltinConfig(**common))
     generator = torch.Generator().manual_seed(0)
@@ -51,31 +44,20 @@ def make_policies(device: str, compile_modes: list[str]):
             norm = name.endswith("weight") and param.ndim == 1
             param.copy_((1.0 if norm else 0.0) + torch.randn(param.shape, generator=generator) * 0.02)
     policies = {"builtin fp32": builtin.to(device).eval()}
-    for name, overrides in [("ours fp32", {}), ("ours bf16", {"weights_dtype": "bfloat16"})]:
+    variants = {"ours fp32": {}, "ours bf16": {"weights_dtype": "bfloat16"}}
+    for mode in compile_modes:
+        variants[f"ours bf16 compiled ({mode})"] = {"weights_dtype": "bfloat16", "compile_model": True, "compile_mode": mode}
+    for name, overrides in variants.items():
         ours = XVLAPolicy(XVLAConfig(**common, **overrides))
         load_state_dict_strict(ours, builtin.state_dict())
         ours._apply_weights_dtype()
         policies[name] = ours.to(device).eval()
-    for mode in compile_modes:
-        compiled = XVLAPolicy(XVLAConfig(**common, weights_dtype="bfloat16", compile_model=True, compile_mode=mode))
-        load_state_dict_strict(compiled, builtin.state_dict())
-        compiled._apply_weights_dtype()
-        policies[f"ours bf16 compiled ({mode})"] = compiled.to(device).eval()
     with lerobot_xvla.builtin_xvla():
         builtin_bf16 = BuiltinPolicy(BuiltinConfig(**common, dtype="bfloat16"))
     builtin_bf16.load_state_dict(builtin.state_dict())
     builtin_bf16.model.to(torch.bfloat16)
     policies["builtin bf16"] = builtin_bf16.to(device).eval()
     return policies
-
-
-def observation(device: str) -> dict:
-    generator = torch.Generator().manual_seed(1)
-    batch = {f"observation.images.cam{i}": torch.randn(1, 3, 224, 224, generator=generator) for i in range(3)}
-    batch["observation.state"] = torch.randn(1, 20, generator=generator) * 0.1
-    batch["observation.language.tokens"] = torch.randint(4, 50000, (1, 50), generator=generator)
-    batch["domain_id"] = torch.zeros(1, dtype=torch.long)
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def chunk(policy, batch: dict, device: str) -> tuple[torch.Tensor, float]:
@@ -99,7 +81,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     modes = ["default"] + (["reduce-overhead"] if args.device == "cuda" else []) if args.compile else []
     policies = make_policies(args.device, modes)
-    batch = observation(args.device)
+    batch = random_batch(1, seed=1, device=args.device)
 
     reference = None
     first_call, times, diffs = {}, {name: [] for name in policies}, {}

@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from common import dataset_observation
 
 MODES = {
     "plain chunks": {},
@@ -23,17 +24,9 @@ MODES = {
 
 
 def rollout(checkpoint: Path, frames: list[dict], overrides: dict, n_action_steps: int) -> torch.Tensor:
-    from lerobot.policies.factory import make_pre_post_processors
+    from lerobot_xvla.modeling_xvla import load_for_inference
 
-    from lerobot_xvla import XVLAPolicy
-    from lerobot_xvla.modeling_xvla import load_config
-
-    config = load_config(checkpoint)
-    config.device, config.n_action_steps = "cpu", n_action_steps
-    for name, value in overrides.items():
-        setattr(config, name, value)
-    policy = XVLAPolicy.from_pretrained(checkpoint, config=config)
-    preprocessor, postprocessor = make_pre_post_processors(config, pretrained_path=str(checkpoint))
+    policy, preprocessor, postprocessor = load_for_inference(checkpoint, n_action_steps=n_action_steps, **overrides)
     policy.reset()
     torch.manual_seed(0)
     actions = [postprocessor(policy.select_action(preprocessor(frame))) for frame in frames]
@@ -54,10 +47,7 @@ def main() -> None:
     import lerobot_xvla  # noqa: F401
 
     dataset = LeRobotDataset("local/data", root=args.dataset_root, episodes=[args.episode])
-    frames = []
-    for index in range(len(dataset)):
-        item = dataset[index]
-        frames.append({k: v for k, v in item.items() if k.startswith("observation.")} | {"task": item["task"]})
+    frames = [dataset_observation(dataset[index]) for index in range(len(dataset))]
     boundaries = torch.arange(args.n_action_steps, len(frames), args.n_action_steps)
     print(f"episode {args.episode}: {len(frames)} steps, a new chunk every {args.n_action_steps} steps\n")
     print("| execution | mean jump at chunk boundaries | mean jump inside chunks | ratio |\n|---|---|---|---|")

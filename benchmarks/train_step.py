@@ -35,23 +35,16 @@ import sys
 import time
 import warnings
 
+from common import full_size_kwargs, random_batch
+
 VARIANTS = ("builtin_fp32", "builtin_bf16", "ours_fp32", "ours_bf16", "ours_bf16_gc", "ours_lora_bf16_gc")
 
 
 def build(variant: str):
     """(policy, optimizer, grad_clip_norm) for one variant, X-VLA-0.9B with the pretrained defaults."""
-    from lerobot.configs.types import FeatureType, PolicyFeature
-
     import lerobot_xvla
-    from lerobot_xvla.florence import FLORENCE2_LARGE
 
-    features = {f"observation.images.cam{i}": PolicyFeature(FeatureType.VISUAL, (3, 224, 224)) for i in range(3)}
-    features["observation.state"] = PolicyFeature(FeatureType.STATE, (20,))
-    common = dict(
-        device="cpu", push_to_hub=False, chunk_size=30, n_action_steps=30, tokenizer_max_length=50,
-        max_state_dim=20, input_features=features, output_features={"action": PolicyFeature(FeatureType.ACTION, (20,))},
-        florence_config=FLORENCE2_LARGE, dtype="bfloat16" if "bf16" in variant or "lora" in variant else "float32",
-    )  # fmt: skip
+    common = full_size_kwargs(dtype="bfloat16" if "bf16" in variant or "lora" in variant else "float32")
     if variant.startswith("builtin"):
         from lerobot.policies.xvla.configuration_xvla import XVLAConfig
         from lerobot.policies.xvla.modeling_xvla import XVLAPolicy
@@ -80,19 +73,6 @@ def build(variant: str):
     return policy, preset.build(params), preset.grad_clip_norm
 
 
-def batch(batch_size: int):
-    import torch
-
-    generator = torch.Generator().manual_seed(0)
-    data = {f"observation.images.cam{i}": torch.randn(batch_size, 3, 224, 224, generator=generator) for i in range(3)}
-    data["observation.state"] = torch.randn(batch_size, 20, generator=generator) * 0.1
-    data["observation.language.tokens"] = torch.randint(4, 50000, (batch_size, 50), generator=generator)
-    data["action"] = torch.randn(batch_size, 30, 20, generator=generator) * 0.1
-    data["action"][..., [9, 19]] = (data["action"][..., [9, 19]] > 0).float()
-    data["domain_id"] = torch.zeros(batch_size, dtype=torch.long)
-    return data
-
-
 def run_variant(variant: str, steps: int, batch_size: int) -> dict:
     import torch
 
@@ -101,7 +81,7 @@ def run_variant(variant: str, steps: int, batch_size: int) -> dict:
     policy, optimizer, clip = build(variant)
     build_s = time.perf_counter() - start
     policy.train()
-    data = batch(batch_size)
+    data = random_batch(batch_size, seed=0, with_actions=True)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     times = []
     for _ in range(steps + 1):

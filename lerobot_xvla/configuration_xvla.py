@@ -286,11 +286,21 @@ class XVLAConfig(PreTrainedConfig):
     # Derived views of the config
     # ----------------------------------------------------------------------------------------------------
     @property
+    def anchor_horizon_frames(self) -> float | None:
+        """The time anchors' horizon in dataset frames (control steps); None without time anchors."""
+        return None if self.anchor_horizon_s is None else self.anchor_horizon_s * self.anchor_fps
+
+    @property
     def executable_steps(self) -> int:
         """Actions a chunk yields at the control rate: chunk_size, or the anchors' horizon in control steps."""
-        if self.anchor_horizon_s is None:
+        if self.anchor_horizon_frames is None:
             return self.chunk_size
-        return round(self.anchor_horizon_s * self.anchor_fps)
+        return round(self.anchor_horizon_frames)
+
+    @property
+    def default_domain_id(self) -> int:
+        """The domain id of samples that carry none: `domain_id`, or 0 while it is unset."""
+        return 0 if self.domain_id is None else self.domain_id
 
     @property
     def model_image_size(self) -> tuple[int, int]:
@@ -396,9 +406,9 @@ class XVLAConfig(PreTrainedConfig):
     @property
     def action_delta_indices(self) -> list[int]:
         """Consecutive frames, or with time anchors every frame of the horizon (the current one included)."""
-        if self.anchor_horizon_s is None:
+        if self.anchor_horizon_frames is None:
             return list(range(self.chunk_size))
-        return list(range(math.ceil(self.anchor_horizon_s * self.anchor_fps) + 1))
+        return list(range(math.ceil(self.anchor_horizon_frames) + 1))
 
     @property
     def reward_delta_indices(self) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections import deque
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from lerobot.configs.types import RTCAttentionSchedule
 from lerobot.policies.rtc.configuration_rtc import RTCConfig
 from lerobot.policies.rtc.modeling_rtc import RTCProcessor
@@ -68,8 +69,7 @@ class ChunkExecutor:
         if not self.config.rtc_guidance or self.leftover is None or self.config.anchor_horizon_s is not None:
             return None
         overlap = min(self.leftover.shape[1], horizon)
-        target = torch.zeros(self.leftover.shape[0], horizon, self.leftover.shape[2], dtype=self.leftover.dtype, device=self.leftover.device)
-        target[:, :overlap] = self.leftover[:, :overlap]
+        target = F.pad(self.leftover[:, :overlap], (0, 0, 0, horizon - overlap))  # [B, horizon, D], zeros past the overlap
         return target, guidance_weights(overlap, horizon).to(self.leftover.device)
 
     def add_chunk(self, chunk: Tensor) -> None:
@@ -78,8 +78,7 @@ class ChunkExecutor:
         if cfg.anchor_horizon_s is not None:
             start = self.last_action if self.last_action is not None else chunk[:, 0]
             step = cfg.anchor_horizon_s / cfg.chunk_size
-            frames = round(cfg.anchor_horizon_s * cfg.anchor_fps)
-            times = torch.arange(1, frames + 1, dtype=chunk.dtype, device=chunk.device) / cfg.anchor_fps
+            times = torch.arange(1, cfg.executable_steps + 1, dtype=chunk.dtype, device=chunk.device) / cfg.anchor_fps
             chunk = interpolate(start, chunk, step, times)
         if cfg.chunk_blend_steps and self.leftover is not None:
             blend = min(cfg.chunk_blend_steps, self.leftover.shape[1], chunk.shape[1])

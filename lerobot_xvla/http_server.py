@@ -121,22 +121,10 @@ class XVLAService:
     """The policy with its processors; turns a validated /act payload into an action chunk."""
 
     def __init__(self, checkpoint: str | Path, device: str = "cpu") -> None:
-        from lerobot.policies.factory import make_pre_post_processors
+        from .modeling_xvla import load_for_inference
 
-        from .modeling_xvla import XVLAPolicy, load_config
-
-        checkpoint = Path(checkpoint)
-        config = load_config(checkpoint)
-        config.device = device
-        self.policy = XVLAPolicy.from_pretrained(checkpoint, config=config)
-        # Checkpoints in the original format carry no processor files: build fresh ones (no normalisation).
-        saved = (checkpoint / "policy_preprocessor.json").exists()
-        self.preprocessor, self.postprocessor = make_pre_post_processors(
-            config,
-            pretrained_path=str(checkpoint) if saved else None,
-            preprocessor_overrides={"device_processor": {"device": device}},
-        )
-        self.cameras = config.camera_order[: len(CAMERA_FIELDS)]
+        self.policy, self.preprocessor, self.postprocessor = load_for_inference(checkpoint, device)
+        self.cameras = self.policy.config.camera_order[: len(CAMERA_FIELDS)]
         self.lock = threading.Lock()
 
     def observation(self, payload: Any) -> tuple[dict[str, Any], set[str], int]:

@@ -27,7 +27,7 @@ import torch
 from lerobot.configs.default import PeftConfig
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.policies.pretrained import PreTrainedPolicy
-from lerobot.utils.constants import ACTION, OBS_LANGUAGE_TOKENS, OBS_STATE
+from lerobot.utils.constants import ACTION, OBS_LANGUAGE_TOKENS, OBS_STATE, POLICY_PREPROCESSOR_DEFAULT_NAME
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -366,7 +366,7 @@ class XVLAPolicy(PreTrainedPolicy):
     def _domain_ids(self, batch: dict[str, Any], batch_size: int, device: torch.device) -> Tensor:
         key = next((k for k in (self.config.domain_feature_key, DOMAIN_ID) if k and k in batch), None)
         if key is None:
-            return torch.full((batch_size,), self.config.domain_id or 0, dtype=torch.long, device=device)
+            return torch.full((batch_size,), self.config.default_domain_id, dtype=torch.long, device=device)
         ids = torch.as_tensor(batch[key]).long().reshape(-1)
         if ids.numel() == 1:
             ids = ids.expand(batch_size)
@@ -416,8 +416,8 @@ class XVLAPolicy(PreTrainedPolicy):
             actions = actions.unsqueeze(1)
         valid = ~batch[ACTION_IS_PAD].bool() if ACTION_IS_PAD in batch else None
         cfg, dim_action = self.config, self.model.dim_action
-        if cfg.anchor_horizon_s is not None:
-            anchors = resample_anchors(actions, valid, cfg.anchor_horizon_s * cfg.anchor_fps, cfg.chunk_size + 1)
+        if cfg.anchor_horizon_frames is not None:
+            anchors = resample_anchors(actions, valid, cfg.anchor_horizon_frames, cfg.chunk_size + 1)
             return nn.functional.pad(anchors[:, 1:], (0, dim_action - actions.shape[-1])), None, anchors[:, 0]
         horizon, steps = cfg.chunk_size, actions.shape[1]
         if steps < horizon:
@@ -567,6 +567,29 @@ def load_config(directory: Path, **kwargs: Any) -> XVLAConfig:
     if any((directory / name).exists() for name in TOKENIZER_FILES):  # the checkpoint ships its tokenizer
         converted["tokenizer_name"] = str(directory)
     return XVLAConfig(**converted)
+
+
+def load_for_inference(checkpoint: str | Path, device: str = "cpu", **config_overrides: Any) -> tuple[XVLAPolicy, Any, Any]:
+    """(policy, preprocessor, postprocessor) of a local checkpoint directory, on `device`.
+
+    config_overrides set config fields before the policy is built (n_action_steps, rtc_guidance, ...).
+    Checkpoints in the original format carry no processor files: fresh processors are built (no normalisation).
+    """
+    from lerobot.policies import factory  # looked up at call time: the make_pre_post_processors we wrap
+
+    checkpoint = Path(checkpoint)
+    config = load_config(checkpoint)
+    config.device = device
+    for name, value in config_overrides.items():
+        setattr(config, name, value)
+    policy = XVLAPolicy.from_pretrained(checkpoint, config=config)
+    saved = (checkpoint / f"{POLICY_PREPROCESSOR_DEFAULT_NAME}.json").exists()
+    preprocessor, postprocessor = factory.make_pre_post_processors(
+        config,
+        pretrained_path=str(checkpoint) if saved else None,
+        preprocessor_overrides={"device_processor": {"device": device}},
+    )
+    return policy, preprocessor, postprocessor
 
 
 def _checkpoint_directory(name_or_path: str | Path, **hub_kwargs: Any) -> Path:

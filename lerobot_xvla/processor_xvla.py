@@ -280,7 +280,7 @@ def make_xvla_pre_post_processors(
         _tokenizer_step(config),
         ImageToFloatStep(),
         ImageNetNormalizeStep(),
-        AddDomainIdStep(config.domain_id or 0, config.domain_feature_key, config.num_domains),
+        AddDomainIdStep(config.default_domain_id, config.domain_feature_key, config.num_domains),
         DeviceProcessorStep(device=config.device),
         NormalizerProcessorStep(features=features, norm_map=config.normalization_mapping, stats=dataset_stats),
     ]

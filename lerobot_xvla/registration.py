@@ -9,14 +9,14 @@ All code that depends on LeRobot's internals or version lives here.
 * LeRobot 0.4.x hard-codes `xvla` in `policies.factory.get_policy_class` and `make_policy_config`; we wrap
   both (the wrappers defer to the registry, so they are harmless on LeRobot >= 0.6, which resolves by
   naming convention) and rebind modules that imported the originals already.
-* `make_pre_post_processors` is wrapped so that processors loaded from a checkpoint of LeRobot's built-in
-  X-VLA follow our config's domain id and end with our action guard.
+* `make_pre_post_processors` is wrapped: new processors of our config come from
+  `make_xvla_pre_post_processors` (LeRobot's naming convention would find it too, but its fallback hides
+  the real error of any failure), and processors loaded from a checkpoint of either X-VLA follow our
+  config's domain id and end with our action guard.
 * LeRobot gives X-VLA its LIBERO env processors by an `isinstance` on its own config class; we wrap
   `make_env_pre_post_processors` and `make_policy` so envs with an adapter (`env_adapters.py`) get ours.
 * The X-VLA processor-step names (`xvla_image_to_float`, ...) point at our steps, which take the same
   config keys, so processor files of either implementation load.
-* New processors of our config come from `make_xvla_pre_post_processors` (the module LeRobot's naming
-  convention would find too, but its fallback hides the real error of any failure).
 
 Set `LEROBOT_XVLA_BUILTIN=1` to leave LeRobot's built-in X-VLA in charge.
 """

@@ -155,8 +155,7 @@ class SoftPromptedTransformer(nn.Module):
     @torch.no_grad()
     def copy_domain(self, source: int, target: int) -> None:
         """Start domain `target` from domain `source`: its soft prompts and every per-domain layer."""
-        tables = [m.fc for m in self.modules() if isinstance(m, DomainAwareLinear)]
-        tables += [m.bias for m in self.modules() if isinstance(m, DomainAwareLinear)]
+        tables = [table for m in self.modules() if isinstance(m, DomainAwareLinear) for table in (m.fc, m.bias)]
         if self.len_soft_prompts > 0:
             tables.append(self.soft_prompt_hub)
         for table in tables:

@@ -27,6 +27,16 @@ def rates(optimizer) -> dict[str, float]:
     return {group["name"]: group["lr"] for group in optimizer.param_groups}
 
 
+def rates_over(optimizer, scheduler, steps: int) -> list[dict[str, float]]:
+    """The rates of each of `steps` optimizer steps, stepping the scheduler after each."""
+    history = []
+    for _ in range(steps):
+        history.append(rates(optimizer))
+        optimizer.step()
+        scheduler.step()
+    return history
+
+
 def test_every_parameter_in_exactly_one_of_the_four_groups():
     policy = XVLAPolicy(tiny_config())
     groups = policy.get_optim_params()
@@ -44,12 +54,7 @@ def test_every_parameter_in_exactly_one_of_the_four_groups():
 
 def test_learning_rates_per_phase():
     policy = XVLAPolicy(tiny_config(optimizer_lr=1e-3, learning_coef=0.1, freeze_steps=3, scheduler_warmup_steps=4))
-    optimizer, scheduler = optimizer_and_scheduler(policy)
-    history = []
-    for _ in range(9):
-        history.append(rates(optimizer))
-        optimizer.step()
-        scheduler.step()
+    history = rates_over(*optimizer_and_scheduler(policy), steps=9)
     for step in range(3):  # freeze phase: only prompts (0.1x) and heads (1x) move
         assert history[step] == pytest.approx({"vlm": 0.0, "transformer_core": 0.0, "soft_prompts": 1e-4, "action_heads": 1e-3})
     for step, fraction in zip(range(3, 7), (0.25, 0.5, 0.75, 1.0), strict=True):  # linear warm-up of VLM and core
@@ -71,21 +76,15 @@ def test_resume_in_the_middle_of_the_warm_up(tmp_path):
     config = dict(optimizer_lr=1e-3, freeze_steps=2, scheduler_warmup_steps=4)
     policy = XVLAPolicy(tiny_config(**config))
     optimizer, scheduler = optimizer_and_scheduler(policy)
-    straight = []
-    for step in range(8):
-        straight.append(rates(optimizer))
-        optimizer.step()
-        scheduler.step()
-        if step == 2:  # after 3 steps: one step into the warm-up
-            save_training_state(tmp_path, 3, optimizer, scheduler)
+    straight = rates_over(optimizer, scheduler, 3)
+    save_training_state(tmp_path, 3, optimizer, scheduler)  # after 3 steps: one step into the warm-up
+    straight += rates_over(optimizer, scheduler, 5)
     resumed_policy = XVLAPolicy(tiny_config(**config))
     optimizer, scheduler = optimizer_and_scheduler(resumed_policy)
     step, optimizer, scheduler = load_training_state(tmp_path, optimizer, scheduler)
     assert step == 3
-    for expected in straight[3:]:
-        assert rates(optimizer) == pytest.approx(expected)
-        optimizer.step()
-        scheduler.step()
+    for resumed, expected in zip(rates_over(optimizer, scheduler, 5), straight[3:], strict=True):
+        assert resumed == pytest.approx(expected)
 
 
 def test_anchor_resampling_on_a_known_trajectory():
