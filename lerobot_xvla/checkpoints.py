@@ -3,8 +3,10 @@
 Three layouts of the same weights exist:
 
 * `lerobot-0.4`: LeRobot 0.4.x's built-in X-VLA (vendored remote-code Florence-2 key names, `model.` prefix).
-  This is what `lerobot/xvla-*` on the Hub holds, and what we write, because every LeRobot X-VLA loads it.
+  This is what `lerobot/xvla-*` on the Hub holds.
 * `lerobot-0.6`: LeRobot >= 0.6 (transformers' native `Florence2Model` key names). Our modules use it.
+
+We load all three and write the one the installed LeRobot's built-in X-VLA writes (`compat.SAVED_LAYOUT`).
 * `original`: the `2toINF/X-VLA-*` repositories (vendored key names without the `model.` prefix, and an
   original `config.json` with `num_actions`, `florence_config`, ...).
 """
@@ -22,6 +24,7 @@ from lerobot.utils.constants import ACTION, OBS_STATE
 from torch import nn
 
 from .action_modes import build_action_mode
+from .compat import SAVED_LAYOUT
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +112,14 @@ def to_native(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
         if name in converted and alias not in converted:
             converted[alias] = converted[name]
     return converted
+
+
+def to_saved_layout(state_dict: Mapping[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
+    """Our layout -> the installed LeRobot's (`SAVED_LAYOUT`), ready for safetensors."""
+    if SAVED_LAYOUT == VENDORED:
+        return to_vendored(state_dict, vocab_size)
+    # The tied text embedding is stored once, as the encoder's (LeRobot's loaders restore the alias).
+    return {k: v.contiguous() for k, v in state_dict.items() if k != _TIED[0]}
 
 
 def to_vendored(state_dict: Mapping[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:

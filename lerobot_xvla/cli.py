@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import logging
 import os
 import platform
 import sys
 from pathlib import Path
+
+
+# What LeRobot's plugin discovery logs (`lerobot.utils.import_utils.register_third_party_plugins`).
+PLUGIN_IMPORT_ERROR = "Could not import third-party plugin"
+PLUGIN_IMPORTED = "Imported third-party plugin"
 
 
 def _version(distribution: str) -> str:
@@ -25,14 +31,48 @@ def _version(distribution: str) -> str:
         return "not installed"
 
 
-def info() -> None:
-    # Resolve `xvla` exactly as LeRobot's command-line tools do: plugin discovery, then the factory.
+class _DiscoveryLog(logging.Handler):
+    """What LeRobot's plugin discovery logs: the plugins it imported, and the errors it swallows (after which
+    LeRobot runs its built-in X-VLA under our name)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.imported: list[str] = []
+        self.failures: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith(PLUGIN_IMPORT_ERROR):
+            error = record.exc_info[1] if record.exc_info else None
+            self.failures.append(f"{message}: {error!r}")
+        elif message.startswith(PLUGIN_IMPORTED):
+            self.imported.append(message.removeprefix(PLUGIN_IMPORTED).strip(": "))
+
+
+def _discover_plugins() -> _DiscoveryLog:
+    """Run LeRobot's plugin discovery, as its command-line tools do, and return what it logged."""
     from lerobot.utils.import_utils import register_third_party_plugins
 
-    register_third_party_plugins()
+    log, root = _DiscoveryLog(), logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    root.handlers[:] = [log]  # only ours, at INFO, while discovery runs: nothing else is printed
+    root.setLevel(logging.INFO)
+    try:
+        register_third_party_plugins()
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return log
+
+
+def info() -> int:
+    """Print versions and what `--policy.type=xvla` resolves to; exit status 1 when a plugin failed to import."""
+    # Resolve `xvla` exactly as LeRobot's command-line tools do: plugin discovery, then the factory.
+    discovery = _discover_plugins()
     from lerobot.configs.policies import PreTrainedConfig
     from lerobot.policies.factory import get_policy_class
 
+    from .compat import LEROBOT_VERSION, SUPPORTED_LEROBOT, supported
     from .registration import BUILTIN_SWITCH
 
     config_cls = PreTrainedConfig.get_choice_class("xvla")
@@ -49,6 +89,15 @@ def info() -> None:
     processors = config_cls.__module__.replace("configuration_", "processor_")
     print(f"  processors: {processors}.make_xvla_pre_post_processors")
     print(f"{BUILTIN_SWITCH}={os.environ.get(BUILTIN_SWITCH, '')!r} (set it to 1 for LeRobot's built-in X-VLA)")
+    low, high = SUPPORTED_LEROBOT
+    if not supported():
+        print(f"WARNING: lerobot_xvla is tested with LeRobot >= {low}, < {high}; this is LeRobot {LEROBOT_VERSION}")
+    print(f"plugins LeRobot's discovery imported: {', '.join(discovery.imported) or 'none'}")
+    for message in discovery.failures:
+        print(f"ERROR: {message}")
+    if discovery.failures:
+        print("LeRobot's command-line tools skip a plugin that fails to import (and run their built-in X-VLA)")
+    return 1 if discovery.failures else 0
 
 
 def convert(source: str, destination: Path, device: str) -> None:
@@ -85,16 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "info":
-        info()
-    elif args.command == "convert":
+        return info()
+    if args.command == "convert":
         convert(args.source, args.destination, args.device)
     else:
         from .http_server import serve
 
         serve(args.checkpoint, args.host, args.port, args.device, args.max_request_mb)
+    return 0
 
 
 def policy_server() -> None:

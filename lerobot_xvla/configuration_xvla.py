@@ -17,7 +17,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import draccus
 from huggingface_hub.constants import CONFIG_NAME
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.configs.types import FeatureType, NormalizationMode, PolicyFeature
@@ -30,6 +29,7 @@ from .training import TwoStageSchedulerConfig
 
 logger = logging.getLogger(__name__)
 
+EMPTY_CAMERA_PREFIX = f"{OBS_IMAGES}.empty_camera_"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # Where the released checkpoints put each embodiment (the original's DATA_DOMAIN_ID and evaluation clients).
@@ -119,7 +119,10 @@ class XVLAConfig(PreTrainedConfig):
         image_size: (height, width) every camera is stretched to by the preprocessor; (224, 224) as trained.
         resize_imgs_with_padding: LeRobot built-in field: letterbox to this size instead of stretching.
         num_image_views: number of view slots; missing slots are zero images with a false mask.
-        empty_cameras: cameras declared absent; they become zero views with a false mask.
+        empty_cameras: view slots that no camera feeds (the robot has fewer cameras than the checkpoint has
+            views); they come after the cameras, as zero views with a false mask. They are slots, not input
+            features: `observation.images.empty_camera_<i>` features in a config written by LeRobot's
+            built-in X-VLA are read as such slots, so robots and LeRobot's feature checks never expect them.
 
     Time anchors (the original's action "anchors")
         anchor_horizon_s: when set, targets are `chunk_size` points evenly spaced over this many seconds,
@@ -314,9 +317,21 @@ class XVLAConfig(PreTrainedConfig):
         primary = self.primary_camera or (keys[0] if keys else None)
         return [primary] + [k for k in keys if k != primary] if primary else keys
 
-    @property
-    def empty_camera_keys(self) -> list[str]:
-        return [f"{OBS_IMAGES}.empty_camera_{i}" for i in range(self.empty_cameras)]
+    def drop_cameras_missing_from(self, provided: set[str]) -> list[str]:
+        """Fine-tuning on a robot with fewer cameras: the image features that `provided` (the dataset's camera
+        keys, after any rename_map) lacks become empty view slots, when `empty_cameras` declares at least as
+        many. Returns the dropped keys; drops nothing when the dataset shares no camera with the config or
+        when the declared slots do not cover the missing cameras (the policy then names the missing camera
+        at the first batch)."""
+        declared = [k for k in self.image_features if not k.startswith(EMPTY_CAMERA_PREFIX)]
+        missing = [k for k in declared if k not in provided]
+        primary = self.camera_order[0] if declared else None
+        if not missing or len(missing) == len(declared) or len(missing) > self.empty_cameras or primary in missing:
+            return []
+        for key in missing:
+            del self.input_features[key]
+        logger.info("X-VLA cameras %s are not in the dataset: they become %d empty view slot(s)", missing, self.empty_cameras)
+        return missing
 
     def resolve_domain(self, robot_type: str | None, repo_id: str | None) -> None:
         """Take `domain_id` from `domain_map` for the dataset at hand (its robot type first, then its repo id)."""
@@ -338,8 +353,10 @@ class XVLAConfig(PreTrainedConfig):
 
     def validate_features(self) -> None:
         """Check the dataset's features against the config; add the declared empty cameras."""
-        for key in self.empty_camera_keys:
-            self.input_features.setdefault(key, PolicyFeature(type=FeatureType.VISUAL, shape=(3, *self.model_image_size)))
+        empty_features = [k for k in self.input_features if k.startswith(EMPTY_CAMERA_PREFIX)]
+        for key in empty_features:  # LeRobot's built-in lists its empty slots as features
+            del self.input_features[key]
+        self.empty_cameras = max(self.empty_cameras, len(empty_features))
         images = self.image_features
         if not images:
             raise ValueError(
@@ -362,7 +379,7 @@ class XVLAConfig(PreTrainedConfig):
                 )
         if self.action_dim is not None:
             check_action_dim(self.action_mode, self.action_dim, self.max_action_dim)
-        views = len(images)
+        views = len(images) + self.empty_cameras
         self.num_image_views = max(self.num_image_views or views, views)
         height, width = self.model_image_size
         seq_len = (
@@ -415,18 +432,15 @@ class XVLAConfig(PreTrainedConfig):
         return None
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        """Write config.json without the plugin-only fields that hold their defaults (see module docstring)."""
-        drop = [
-            f.name
-            for f in fields(self)
-            if f.metadata.get("plugin_only") and getattr(self, f.name) == _field_default(f)
-        ]
-        with draccus.config_type("json"):
-            encoded = draccus.encode(self)
-        for name in drop:
-            encoded.pop(name, None)
-        with open(Path(save_directory) / CONFIG_NAME, "w") as f:
-            json.dump(encoded, f, indent=4)
+        """Write config.json as the installed LeRobot does ("type" included), without the plugin-only fields
+        that hold their defaults (see module docstring)."""
+        super()._save_pretrained(save_directory)
+        path = Path(save_directory) / CONFIG_NAME
+        encoded = json.loads(path.read_text())
+        for f in fields(self):
+            if f.metadata.get("plugin_only") and getattr(self, f.name) == _field_default(f):
+                encoded.pop(f.name, None)
+        path.write_text(json.dumps(encoded, indent=4))
 
 
 def _field_default(f: dataclasses.Field) -> Any:

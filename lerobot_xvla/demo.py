@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> None:
             "--env.episode_length=60",
             f"--eval.n_episodes={args.eval_episodes}",
             f"--eval.batch_size={args.eval_episodes}",
+            # LeRobot 0.6 defaults to async vector envs whose forkserver workers never import gym_pusht
+            # (NamespaceNotFound for any policy); 0.4.x defaults to sync envs already.
+            "--eval.use_async_envs=false",
             "--policy.device=cpu",
             f"--output_dir={eval_dir}",
         ]

@@ -23,8 +23,7 @@ from typing import Any
 import torch
 from lerobot.configs.types import FeatureType, PolicyFeature
 from lerobot.envs.configs import EnvConfig
-from lerobot.processor import ObservationProcessorStep, PolicyProcessorPipeline, ProcessorStep
-from lerobot.processor.core import EnvTransition, TransitionKey
+from lerobot.processor import EnvTransition, ObservationProcessorStep, PolicyProcessorPipeline, ProcessorStep, TransitionKey
 from lerobot.utils.constants import ACTION, OBS_IMAGES, OBS_PREFIX, OBS_STATE
 
 from .rotations import matrix_to_rot6d, rot6d_to_axis_angle

@@ -33,9 +33,28 @@ from .configuration_xvla import XVLAConfig
 _RTC_WEIGHTS = RTCProcessor(RTCConfig(prefix_attention_schedule=RTCAttentionSchedule.EXP))
 
 
-def guidance_weights(overlap: int, horizon: int, inference_delay: int = 0) -> Tensor:
-    """RTC's soft prefix weights over a chunk of `horizon` steps whose first `overlap` are known [horizon]."""
-    return _RTC_WEIGHTS.get_prefix_weights(inference_delay, overlap, horizon)
+def guidance_weights(overlap: int, horizon: int, inference_delay: int = 0, rtc: RTCProcessor = _RTC_WEIGHTS) -> Tensor:
+    """RTC's soft prefix weights over a chunk of `horizon` steps whose first `overlap` are known [horizon]:
+    1 for the `inference_delay` steps executed while the chunk is computed, then the schedule of `rtc`'s
+    config (exponential decay by default) down to 0 at `overlap`."""
+    return rtc.get_prefix_weights(inference_delay, overlap, horizon)
+
+
+def lerobot_rtc_guidance(
+    prev_chunk_left_over: Tensor, inference_delay: int, horizon: int, rtc_config: RTCConfig | None
+) -> tuple[Tensor, Tensor]:
+    """LeRobot's RTC interface (`predict_action_chunk(..., inference_delay=, prev_chunk_left_over=)`, used by
+    `lerobot-rollout --inference.type=rtc`) as X-VLA guidance: (target [B, horizon, D], weights [horizon]).
+
+    prev_chunk_left_over [T, D] or [B, T, D] holds the previous chunk's actions not executed yet, in model
+    units. As in LeRobot's RTCProcessor, the first min(execution_horizon, T) steps are guided, with the
+    config's prefix schedule; `max_guidance_weight` has no counterpart (the clean estimate is inpainted).
+    """
+    rtc = RTCProcessor(rtc_config or RTCConfig(prefix_attention_schedule=RTCAttentionSchedule.EXP))
+    prev = prev_chunk_left_over if prev_chunk_left_over.ndim == 3 else prev_chunk_left_over.unsqueeze(0)
+    overlap = min(rtc.rtc_config.execution_horizon, prev.shape[1], horizon)
+    target = F.pad(prev[:, :overlap], (0, 0, 0, horizon - overlap))
+    return target, guidance_weights(overlap, horizon, inference_delay, rtc).to(prev.device)
 
 
 def interpolate(start: Tensor, points: Tensor, step: float, times: Tensor) -> Tensor:

@@ -34,9 +34,9 @@ from torch.utils.checkpoint import checkpoint
 
 from . import __version__
 from .action_modes import build_action_mode
-from .checkpoints import is_original_config, load_state_dict_strict, original_config_to_lerobot, to_vendored
+from .checkpoints import is_original_config, load_state_dict_strict, original_config_to_lerobot, to_saved_layout
 from .configuration_xvla import XVLAConfig
-from .execution import ChunkExecutor
+from .execution import ChunkExecutor, lerobot_rtc_guidance
 from .florence import build_florence_encoder, encode_views, projection_dim
 from .soft_transformer import SoftPromptedTransformer
 from .training import parameter_groups, resample_anchors
@@ -321,16 +321,18 @@ class XVLAPolicy(PreTrainedPolicy):
     def _images(self, batch: dict[str, Tensor], absent_cameras: Collection[str] = ()) -> tuple[Tensor, Tensor]:
         """Views in camera order, resized and padded to num_image_views: images [B, V, 3, H, W], mask [B, V].
 
-        Cameras declared empty (config) or absent (this call) become zero views with a false mask."""
+        Cameras absent from this call become zero views with a false mask, and so do the slots past the
+        cameras (`empty_cameras`, `num_image_views`)."""
         cfg = self.config
-        empty = {*cfg.empty_camera_keys, *absent_cameras}
         views: list[Tensor | None] = []
         for key in cfg.camera_order:
             if key not in batch:
-                if key not in empty:
+                if key not in absent_cameras:
                     raise ValueError(
                         f"camera '{key}' is missing from the batch (image keys: {sorted(k for k in batch if 'image' in k)}); "
-                        "declare cameras that are absent with empty_cameras, or map names with rename_map"
+                        "map your camera names onto the policy's with rename_map (lerobot-train, lerobot-rollout, lerobot-eval: "
+                        "--rename_map; lerobot-record: --dataset.rename_map), or when fine-tuning on fewer cameras "
+                        "than the checkpoint has, declare the missing ones as empty view slots with --policy.empty_cameras=N"
                     )
                 views.append(None)
                 continue
@@ -478,18 +480,33 @@ class XVLAPolicy(PreTrainedPolicy):
         steps: int | None = None,
         absent_cameras: Collection[str] = (),
         guidance: tuple[Tensor, Tensor] | None = None,
+        inference_delay: int | None = None,
+        prev_chunk_left_over: Tensor | None = None,
     ) -> Tensor:
         """[B, chunk_size, action_dim] actions in dataset units (before the postprocessor's unnormalisation).
 
         steps: denoising steps (default num_denoising_steps); absent_cameras: cameras this call has no image
-        for (masked views); guidance: see `XVLAModel.generate_actions`.
+        for (masked views); guidance: see `XVLAModel.generate_actions`. inference_delay and
+        prev_chunk_left_over [T, action_dim] are LeRobot's RTC interface (`lerobot-rollout
+        --inference.type=rtc`), turned into guidance by `execution.lerobot_rtc_guidance` unless the rtc_config
+        that lerobot-rollout sets is disabled: LeRobot then queues the new chunk after the leftover, not over it.
         """
         self.eval()
+        rtc_config = getattr(self.config, "rtc_config", None)  # set by lerobot-rollout --inference.type=rtc
+        if prev_chunk_left_over is not None and (rtc_config is None or rtc_config.enabled):
+            if guidance is not None:
+                raise ValueError("pass either guidance or prev_chunk_left_over (LeRobot's RTC), not both")
+            guidance = lerobot_rtc_guidance(prev_chunk_left_over, inference_delay or 0, self.config.chunk_size, rtc_config)
         inputs = self._model_inputs(batch, absent_cameras)
         steps = steps or self.config.num_denoising_steps
         with self._autocast(inputs["image_input"].device):
             actions = self.model.generate_actions(**inputs, steps=steps, noise=noise, guidance=guidance)
         return actions.float()
+
+    def supports_rtc(self) -> bool:
+        """LeRobot's RTC inference engine executes predicted chunks at the control rate; chunks of time
+        anchors are not, so they run with the sync engine (whose select_action interpolates them)."""
+        return self.config.anchor_horizon_s is None
 
     @torch.no_grad()
     def select_action(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
@@ -506,12 +523,14 @@ class XVLAPolicy(PreTrainedPolicy):
     # ------------------------------------------------------------------------------------------------------
     # Checkpoints
     # ------------------------------------------------------------------------------------------------------
-    def _save_pretrained(self, save_directory: Path) -> None:
-        """config.json plus model.safetensors in LeRobot 0.4.x's layout (loadable by every LeRobot X-VLA)."""
+    def _save_pretrained(self, save_directory: Path, state_dict: dict[str, Tensor] | None = None) -> None:
+        """config.json plus model.safetensors in the layout of the installed LeRobot's built-in X-VLA, which
+        loads it. state_dict: weights gathered by the caller (LeRobot >= 0.6 passes them, e.g. under FSDP)."""
         self.config._save_pretrained(save_directory)
         model = self.module if hasattr(self, "module") else self
         vocab = model.model.vlm.get_input_embeddings().num_embeddings
-        save_file(to_vendored(model.state_dict(), vocab), str(Path(save_directory) / "model.safetensors"))
+        weights = model.state_dict() if state_dict is None else state_dict
+        save_file(to_saved_layout(weights, vocab), str(Path(save_directory) / "model.safetensors"))
 
     @classmethod
     def from_pretrained(

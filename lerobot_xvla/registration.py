@@ -15,8 +15,16 @@ All code that depends on LeRobot's internals or version lives here.
   config's domain id and end with our action guard.
 * LeRobot gives X-VLA its LIBERO env processors by an `isinstance` on its own config class; we wrap
   `make_env_pre_post_processors` and `make_policy` so envs with an adapter (`env_adapters.py`) get ours.
+* Cameras: `make_policy` also lets a dataset with fewer cameras than the checkpoint fill the rest of the view
+  slots with declared empty ones, and LeRobot's camera-name check before the rename step is replaced for
+  X-VLA by the policy's own check of every batch after it.
 * The X-VLA processor-step names (`xvla_image_to_float`, ...) point at our steps, which take the same
   config keys, so processor files of either implementation load.
+* `lerobot-rollout --use_torch_compile` sets our `compile_model` (the observation encoding and one denoising
+  step become two graphs when the model is built), then wraps `predict_action_chunk` in torch.compile as
+  well. For our policies that wrap is skipped, and a `--torch_compile_mode` other than LeRobot's default
+  becomes `compile_mode` before the policy is built. We import `lerobot.rollout.context` for this (about
+  30 ms once `lerobot.policies` is loaded), so the hooks hold whichever of the two is imported first.
 
 Set `LEROBOT_XVLA_BUILTIN=1` to leave LeRobot's built-in X-VLA in charge.
 """
@@ -33,10 +41,12 @@ from collections.abc import Iterator
 import lerobot.envs.factory as env_factory
 import lerobot.policies  # noqa: F401  (registers LeRobot's built-in `xvla` before we replace it)
 import lerobot.policies.factory as factory
+import lerobot.policies.utils as policy_utils
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.processor import ProcessorStepRegistry
 
-from .configuration_xvla import XVLAConfig
+from .compat import HAS_LEROBOT_ROLLOUT
+from .configuration_xvla import COMPILE_MODES, XVLAConfig
 from .env_adapters import env_adapter
 from .processor_xvla import PROCESSOR_STEPS, make_xvla_pre_post_processors, reconcile_loaded_processors
 
@@ -76,14 +86,32 @@ def _resolve_type_name(ours):
     return make_wrapper
 
 
-def _adapt_policy_to_env(original):
-    """make_policy: an env with an X-VLA adapter hands the policy the features the adapter produces."""
+def _adapt_policy_to_inputs(original):
+    """make_policy: an env with an X-VLA adapter hands the policy the features the adapter produces, and a
+    dataset with fewer cameras than the checkpoint turns the missing ones into declared empty view slots
+    (`XVLAConfig.drop_cameras_missing_from`; the dataset's names are seen through `rename_map`)."""
 
     def wrapper(cfg, ds_meta=None, env_cfg=None, rename_map=None):
-        adapter = env_adapter(env_cfg) if isinstance(cfg, XVLAConfig) else None
-        if adapter is not None:
-            env_cfg = adapter.policy_env_config(env_cfg)
+        if isinstance(cfg, XVLAConfig):
+            adapter = env_adapter(env_cfg)
+            if adapter is not None:
+                env_cfg = adapter.policy_env_config(env_cfg)
+            if ds_meta is not None and cfg.input_features:
+                cfg.drop_cameras_missing_from({(rename_map or {}).get(k, k) for k in ds_meta.camera_keys})
         return original(cfg, ds_meta=ds_meta, env_cfg=env_cfg, rename_map=rename_map)
+
+    return wrapper
+
+
+def _camera_check_by_name(original):
+    """validate_visual_features_consistency: LeRobot compares the policy's cameras with the dataset's names
+    before the preprocessor's rename step (and `lerobot-record` 0.4.x never passes it `--dataset.rename_map`),
+    so an X-VLA deployed with renamed cameras would be refused. X-VLA checks instead every batch after the
+    rename step and names a missing camera (`XVLAPolicy._images`)."""
+
+    def wrapper(cfg, features):
+        if not isinstance(cfg, XVLAConfig):
+            original(cfg, features)
 
     return wrapper
 
@@ -116,6 +144,59 @@ def _env_processors(original):
     return wrapper
 
 
+def _compile_mode_from_rollout(original):
+    """build_rollout_context: `--torch_compile_mode` becomes our compile_mode before the policy is built (the
+    model wraps its graphs with the mode when it is constructed). LeRobot's default mode, the class attribute,
+    leaves the config's own, so `--policy.compile_mode` keeps working."""
+
+    def wrapper(cfg, *args, **kwargs):
+        mode = cfg.torch_compile_mode
+        if cfg.use_torch_compile and isinstance(cfg.policy, XVLAConfig) and mode != type(cfg).torch_compile_mode:
+            if mode in COMPILE_MODES:
+                cfg.policy.compile_mode = mode
+            else:
+                logger.warning("--torch_compile_mode=%s is not one of lerobot_xvla's %s; compile_mode stays %s",
+                               mode, COMPILE_MODES, cfg.policy.compile_mode)
+        return original(cfg, *args, **kwargs)
+
+    return wrapper
+
+
+def _compile_graphs_only(original):
+    """rollout's _wrap_predict_action_chunk_with_torch_compile: our compile_model already compiles the
+    observation encoding and one denoising step with static shapes; a torch.compile around
+    predict_action_chunk would trace the batch preparation, the guidance and the Python sampling loop around
+    them once more, recompiling whenever a Python argument such as inference_delay changes. Our policies
+    report compile_model as the outcome instead; other policies get LeRobot's wrapper."""
+
+    def wrapper(policy, *, backend, mode):
+        config = getattr(policy, "config", None)
+        if not isinstance(config, XVLAConfig):
+            return original(policy, backend=backend, mode=mode)
+        logger.info("--use_torch_compile: lerobot_xvla compiles its observation encoding and denoising step "
+                    "(compile_model=%s, compile_mode=%s), not predict_action_chunk", config.compile_model,
+                    config.compile_mode)
+        if backend != "inductor":
+            logger.warning("--torch_compile_backend=%s is not used: lerobot_xvla compiles with inductor", backend)
+        return config.compile_model
+
+    return wrapper
+
+
+def _rollout_context():
+    """`lerobot.rollout.context`, or None where lerobot-rollout cannot run: LeRobot 0.4 has no such module, and
+    a missing optional dependency of LeRobot's stops it from importing (and lerobot-rollout with it). A failure
+    here must never fail the plugin's import: LeRobot would then run its built-in X-VLA."""
+    if not HAS_LEROBOT_ROLLOUT:
+        return None
+    try:
+        import lerobot.rollout.context as rollout_context
+    except ImportError as error:
+        logger.debug("lerobot-rollout hooks not installed: %s", error)
+        return None
+    return rollout_context
+
+
 def _register_steps(steps: dict[str, type]) -> dict[str, type | None]:
     """Point processor-step registry names at `steps`; returns what they pointed at before."""
     previous = {}
@@ -146,9 +227,14 @@ def install() -> None:
         _builtin_steps.update(_register_steps(PROCESSOR_STEPS))
     _replace_everywhere(factory, "get_policy_class", _resolve_type_name(_policy_class))
     _replace_everywhere(factory, "make_policy_config", _resolve_type_name(XVLAConfig))
-    _replace_everywhere(factory, "make_policy", _adapt_policy_to_env)
+    _replace_everywhere(factory, "make_policy", _adapt_policy_to_inputs)
+    _replace_everywhere(policy_utils, "validate_visual_features_consistency", _camera_check_by_name)
     _replace_everywhere(factory, "make_pre_post_processors", _reconciled_processors)
     _replace_everywhere(env_factory, "make_env_pre_post_processors", _env_processors)
+    rollout_context = _rollout_context()
+    if rollout_context is not None:
+        _replace_everywhere(rollout_context, "build_rollout_context", _compile_mode_from_rollout)
+        _replace_everywhere(rollout_context, "_wrap_predict_action_chunk_with_torch_compile", _compile_graphs_only)
     logger.info("--policy.type=xvla resolves to lerobot_xvla (set %s=1 for LeRobot's built-in)", BUILTIN_SWITCH)
 
 

@@ -1,13 +1,69 @@
 #!/usr/bin/env bash
-# Create .venv and install lerobot_xvla with everything its demo and tests need (idempotent).
-# LeRobot 0.4.4 pins torch<2.11, so pip installs torch from the package registry on a fresh machine.
+# Source this file (`source scripts/setup.sh`): it sets up one LeRobot stack in its own venv if needed and
+# exports VENV (the venv's directory) and XVLA_STACK (0.6 or 0.4). Idempotent.
+#
+# Which stack: XVLA_STACK=0.6 | 0.4 | auto (default). auto takes LeRobot 0.6.x when a Python >= 3.12 exists
+# ($PYTHON, then python3.13 / python3.12 on PATH, then pyenv's installs), else LeRobot 0.4.4 on Python
+# 3.10 / 3.11. Each stack installs the versions pinned in constraints/lerobot-<stack>.txt.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-    "$PYTHON" -m venv .venv
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+_python_minor() { "$1" -c 'import sys; print(sys.version_info[1] if sys.version_info[0] == 3 else 0)' 2>/dev/null || echo 0; }
+
+_find_python() {  # $1: 0.6 or 0.4 -> path of a suitable interpreter on stdout
+    local candidates=() pyenv_root
+    [ -n "${PYTHON:-}" ] && candidates+=("$PYTHON")
+    if [ "$1" = 0.6 ]; then
+        candidates+=(python3.13 python3.12)
+        pyenv_root=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
+        candidates+=($(ls -d "$pyenv_root"/versions/3.1[2-3]*/bin/python 2>/dev/null | sort -rV))
+    else
+        candidates+=(python3.11 python3.10 python3)
+    fi
+    local c minor
+    for c in "${candidates[@]}"; do
+        command -v "$c" >/dev/null 2>&1 || continue
+        minor=$(_python_minor "$c")
+        if { [ "$1" = 0.6 ] && [ "$minor" -ge 12 ]; } || { [ "$1" = 0.4 ] && [ "$minor" -ge 10 ] && [ "$minor" -le 11 ]; }; then
+            command -v "$c"
+            return 0
+        fi
+    done
+    return 1
+}
+
+XVLA_STACK=${XVLA_STACK:-auto}
+if [ "$XVLA_STACK" = auto ]; then
+    if _PY=$(_find_python 0.6); then XVLA_STACK=0.6; elif _PY=$(_find_python 0.4); then XVLA_STACK=0.4; else
+        echo "setup: no Python >= 3.12 (LeRobot 0.6) nor 3.10/3.11 (LeRobot 0.4.4) found; set PYTHON=/path/to/python" >&2
+        return 1 2>/dev/null || exit 1
+    fi
+elif [ "$XVLA_STACK" = 0.6 ] || [ "$XVLA_STACK" = 0.4 ]; then
+    if ! _PY=$(_find_python "$XVLA_STACK"); then
+        echo "setup: XVLA_STACK=$XVLA_STACK needs Python $([ "$XVLA_STACK" = 0.6 ] && echo '>= 3.12' || echo '3.10 or 3.11'); set PYTHON=/path/to/python" >&2
+        return 1 2>/dev/null || exit 1
+    fi
+else
+    echo "setup: XVLA_STACK must be 0.6, 0.4 or auto, got '$XVLA_STACK'" >&2
+    return 1 2>/dev/null || exit 1
 fi
-if ! .venv/bin/python -c "import lerobot_xvla, pytest, scservo_sdk, gym_pusht, gym_aloha, peft" 2>/dev/null; then
-    .venv/bin/python -m pip install --upgrade pip
-    .venv/bin/python -m pip install -e ".[dev]"
+export XVLA_STACK
+# The default stack lives in .venv (where editors look), LeRobot 0.4.4 in .venv-lerobot04.
+if [ "$XVLA_STACK" = 0.6 ]; then export VENV="$PWD/.venv"; else export VENV="$PWD/.venv-lerobot04"; fi
+_CONSTRAINTS="constraints/lerobot-$XVLA_STACK.txt"
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$_PY" -m venv "$VENV"
 fi
+# Reinstall when the venv misses a test dependency or when the pinned versions changed since the last install.
+_STAMP="$VENV/.installed-$(cksum < "$_CONSTRAINTS" | cut -d' ' -f1)-$(cksum < pyproject.toml | cut -d' ' -f1)"
+if [ ! -e "$_STAMP" ] || ! "$VENV/bin/python" -c "import lerobot_xvla, pytest, scservo_sdk, gym_pusht, gym_aloha, peft" 2>/dev/null; then
+    echo "setup: installing LeRobot $XVLA_STACK stack into $VENV (first time: several minutes, a CUDA build of torch included)"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --progress-bar on -c "$_CONSTRAINTS" -e ".[dev]"
+    rm -f "$VENV"/.installed-*
+    touch "$_STAMP"
+fi
+_DESCRIBE='import importlib.metadata as m, platform; v = m.version
+print("LeRobot %s on Python %s, torch %s, transformers %s" % (v("lerobot"), platform.python_version(), v("torch"), v("transformers")))'
+echo "setup: $("$VENV/bin/python" -c "$_DESCRIBE") ($VENV)"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
+import subprocess
 import warnings
 
 import pytest
@@ -16,7 +18,18 @@ warnings.filterwarnings("ignore", message=".*GenerationMixin.*")
 import lerobot_xvla  # noqa: E402, F401  (owns `xvla` for every test)
 from lerobot.configs.types import FeatureType, PolicyFeature  # noqa: E402
 from lerobot_xvla import XVLAConfig  # noqa: E402
+from lerobot_xvla.demo import lerobot_command  # noqa: E402
 from lerobot_xvla.offline import TINY_ARCHITECTURE, build_word_tokenizer  # noqa: E402
+
+LEROBOT_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+
+
+def lerobot(name: str, *args: str) -> str:
+    """Run a LeRobot console script (lerobot-train, lerobot-eval, ...) as a user would; returns its output."""
+    result = subprocess.run([lerobot_command(name), *args], capture_output=True, text=True, env=LEROBOT_ENV, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    return output
 
 
 def features(views: int = 2, state: int | None = 20, action: int = 20, size: tuple[int, int] = (64, 64)):
@@ -79,3 +92,36 @@ def make_batch(config: XVLAConfig, batch_size: int = 2, seed: int = 0, image_siz
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> str:
     return str(build_word_tokenizer(tmp_path_factory.mktemp("tokenizer")))
+
+
+@pytest.fixture(scope="session")
+def three_view_checkpoint(tmp_path_factory, tokenizer_dir):
+    """A pretrained-like X-VLA with three views and 20-D end-effector actions, as xvla-base."""
+    from so101_deploy import save_three_view_checkpoint
+
+    return save_three_view_checkpoint(tmp_path_factory.mktemp("pretrained") / "xvla_three_views", tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def two_camera_checkpoint(tmp_path_factory, three_view_checkpoint):
+    """The user's command (lerobot#4245): fine-tune the three-view checkpoint on a two-camera SO101 dataset."""
+    from so101_deploy import RENAME_TO_THREE_VIEWS, write_two_camera_dataset
+
+    root = tmp_path_factory.mktemp("so101_two_cameras")
+    dataset = write_two_camera_dataset(root / "dataset")
+    lerobot(
+        "lerobot-train",
+        f"--policy.path={three_view_checkpoint}",
+        "--policy.action_mode=so101_bimanual",
+        "--policy.empty_cameras=1",
+        f"--rename_map={json.dumps(RENAME_TO_THREE_VIEWS)}",
+        f"--dataset.repo_id={dataset.repo_id}",
+        f"--dataset.root={dataset.root}",
+        "--steps=2",
+        "--batch_size=2",
+        "--num_workers=0",
+        "--save_freq=2",
+        "--log_freq=1",
+        f"--output_dir={root / 'train'}",
+    )
+    return root / "train" / "checkpoints" / "last" / "pretrained_model"

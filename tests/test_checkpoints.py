@@ -21,6 +21,7 @@ from lerobot_xvla.checkpoints import (
     to_native,
     to_vendored,
 )
+from lerobot_xvla.compat import SAVED_LAYOUT
 from lerobot_xvla.cli import main as cli_main
 from lerobot_xvla.offline import TINY_FLORENCE_CONFIG, build_word_tokenizer
 
@@ -40,16 +41,24 @@ def chunk(policy, batch, seed: int = 0) -> torch.Tensor:
     return policy.predict_action_chunk(batch)
 
 
+VENDORED_SHARED = "model.vlm.language_model.model.shared.weight"
+VENDORED_SIGNATURES = ("model.vlm.image_projection", "model.vlm.language_model.final_logits_bias", VENDORED_SHARED)
+
+
 def test_key_mapping_is_a_bijection():
-    vendored = builtin_policy().state_dict()
-    native = to_native(vendored)
-    assert detect_layout(vendored) == VENDORED and detect_layout(native) == NATIVE
-    ours = XVLAPolicy(tiny_config(3, size=IMAGE)).state_dict()
-    assert native.keys() == ours.keys()
-    assert all(native[k].shape == ours[k].shape for k in ours)
-    back = to_vendored(native, vocab_size=1000)
-    assert back.keys() == vendored.keys() - {"model.vlm.language_model.model.shared.weight"}
-    assert all(torch.equal(back[k], vendored[k]) for k in back)
+    """Ours -> vendored -> ours is the identity, and both match the installed built-in's own keys."""
+    ours = randomize_(XVLAPolicy(tiny_config(3, size=IMAGE))).state_dict()
+    vendored = to_vendored(ours, vocab_size=1000)
+    assert detect_layout(vendored) == VENDORED and detect_layout(ours) == NATIVE
+    assert set(VENDORED_SIGNATURES[:2]) <= vendored.keys()
+    back = to_native(vendored)
+    assert back.keys() == ours.keys()
+    assert all(torch.equal(back[k], ours[k]) for k in ours)
+    builtin = builtin_policy().state_dict()  # vendored on LeRobot 0.4.x, native on 0.6.x
+    assert to_native(builtin).keys() == ours.keys()
+    assert all(to_native(builtin)[k].shape == ours[k].shape for k in ours)
+    if detect_layout(builtin) == VENDORED:
+        assert to_vendored(ours, vocab_size=1000).keys() == builtin.keys() - {VENDORED_SHARED}
 
 
 def test_builtin_to_ours_to_builtin(tmp_path):
@@ -62,19 +71,29 @@ def test_builtin_to_ours_to_builtin(tmp_path):
     assert (chunk(ours, batch) - chunk(builtin, batch)).abs().max() <= 1e-5
 
     ours.save_pretrained(tmp_path / "ours")
+    saved = lambda name: detect_layout(load_file(str(tmp_path / name / "model.safetensors")))  # noqa: E731
+    assert saved("ours") == saved("builtin") == SAVED_LAYOUT  # the layout the installed LeRobot writes
     with builtin_xvla():
         again = BuiltinPolicy.from_pretrained(tmp_path / "ours")
     assert type(again) is BuiltinPolicy
     assert torch.equal(chunk(again, batch), chunk(builtin, batch))
 
 
-def test_loads_the_lerobot_0_6_native_layout(tmp_path):
-    source = XVLAPolicy(tiny_config(3, size=IMAGE))
-    randomize_(source)
+def layout_state_dict(policy, layout: str) -> dict[str, torch.Tensor]:
+    """The policy's weights as a checkpoint of `layout` stores them (tied text embedding once)."""
+    full = to_native(policy.state_dict())  # ours or the installed built-in's, in our layout
+    if layout == NATIVE:
+        return {k: v.clone() for k, v in full.items() if k != "model.vlm.language_model.shared.weight"}
+    vendored = to_vendored(full, vocab_size=1000)
+    return vendored if layout == VENDORED else {k.removeprefix("model."): v for k, v in vendored.items()}
+
+
+@pytest.mark.parametrize("layout", [VENDORED, NATIVE, ORIGINAL])
+def test_loads_every_layout(tmp_path, layout):
+    source = randomize_(XVLAPolicy(tiny_config(3, size=IMAGE)))
     source.config._save_pretrained(tmp_path)
-    native = {k: v.clone() for k, v in source.state_dict().items() if k != "model.vlm.language_model.shared.weight"}
-    save_file(native, str(tmp_path / "model.safetensors"))
-    assert detect_layout(load_file(str(tmp_path / "model.safetensors"))) == NATIVE
+    save_file(layout_state_dict(source, layout), str(tmp_path / "model.safetensors"))
+    assert detect_layout(load_file(str(tmp_path / "model.safetensors"))) == layout
     loaded = XVLAPolicy.from_pretrained(tmp_path)
     batch = make_batch(source.config)
     assert torch.equal(chunk(loaded, batch), chunk(source.eval(), batch))
@@ -83,8 +102,7 @@ def test_loads_the_lerobot_0_6_native_layout(tmp_path):
 def write_original_checkpoint(builtin: BuiltinPolicy, directory, tokenizer: bool = True) -> None:
     """An X-VLA checkpoint as 2toINF/X-VLA-* repositories hold it: no `model.` prefix, original config."""
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k.removeprefix("model."): v.contiguous() for k, v in builtin.state_dict().items() if not k.endswith("model.shared.weight")}
-    save_file(state, str(directory / "model.safetensors"))
+    save_file(layout_state_dict(builtin, ORIGINAL), str(directory / "model.safetensors"))
     cfg = builtin.config
     original = {
         "model_type": "xvla",
@@ -141,7 +159,7 @@ def test_convert_command_writes_a_lerobot_checkpoint(tmp_path, capsys):
     written = {p.name for p in (tmp_path / "converted").iterdir()}
     assert {"config.json", "model.safetensors", "policy_preprocessor.json", "policy_postprocessor.json"} <= written
     assert json.loads((tmp_path / "converted" / "config.json").read_text())["type"] == "xvla"
-    assert detect_layout(load_file(str(tmp_path / "converted" / "model.safetensors"))) == VENDORED
+    assert detect_layout(load_file(str(tmp_path / "converted" / "model.safetensors"))) == SAVED_LAYOUT
     converted = XVLAPolicy.from_pretrained(tmp_path / "converted")
     direct = XVLAPolicy.from_pretrained(tmp_path / "original")
     batch = original_batch(converted.config)

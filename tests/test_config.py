@@ -15,7 +15,7 @@ from lerobot.policies.xvla.configuration_xvla import XVLAConfig as BuiltinConfig
 from lerobot_xvla import XVLAConfig, builtin_xvla
 from lerobot_xvla.modeling_xvla import XVLAModel
 
-from conftest import tiny_config, tiny_kwargs
+from conftest import features, tiny_config, tiny_kwargs
 
 
 def test_defaults_match_the_pretrained_checkpoints():
@@ -79,7 +79,30 @@ def test_empty_cameras_add_view_slots_once():
     config.validate_features()
     config.validate_features()  # idempotent, unlike LeRobot's built-in (lerobot#4245)
     assert config.num_image_views == 3
-    assert config.camera_order[-1] == "observation.images.empty_camera_0"
+    assert config.camera_order == ["observation.images.cam0", "observation.images.cam1"]  # slots, not features
+
+
+def test_builtin_empty_camera_features_become_slots():
+    """LeRobot's built-in writes its empty slots as VISUAL input features; robots never provide them, so
+    lerobot-rollout's camera check would refuse the checkpoint (lerobot#4245)."""
+    inputs, outputs = features(2)
+    inputs["observation.images.empty_camera_0"] = PolicyFeature(FeatureType.VISUAL, (3, 64, 64))
+    config = XVLAConfig(**{**tiny_kwargs(2), "input_features": inputs, "output_features": outputs})
+    config.validate_features()
+    assert "observation.images.empty_camera_0" not in config.input_features
+    assert config.empty_cameras == 1 and config.num_image_views == 3
+
+
+def test_cameras_missing_from_the_dataset_become_declared_slots():
+    config = tiny_config(3, empty_cameras=1)
+    provided = {"observation.images.cam0", "observation.images.cam1"}
+    assert config.drop_cameras_missing_from(provided) == ["observation.images.cam2"]
+    config.validate_features()
+    assert config.camera_order == sorted(provided) and config.num_image_views == 3
+    # Not covered by the declared slots, the primary camera, or no camera in common: nothing is dropped.
+    assert tiny_config(3).drop_cameras_missing_from(provided) == []
+    assert tiny_config(3, empty_cameras=1).drop_cameras_missing_from({"observation.images.cam1", "observation.images.cam2"}) == []
+    assert tiny_config(3, empty_cameras=3).drop_cameras_missing_from({"observation.images.top"}) == []
 
 
 def test_primary_camera_goes_first():

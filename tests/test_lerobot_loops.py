@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -19,16 +18,7 @@ from lerobot_xvla.demo import DEMO_CONFIG, lerobot_command, write_pusht_dataset
 from lerobot_xvla.offline import TINY_ARCHITECTURE
 from lerobot_xvla.processor_xvla import make_xvla_pre_post_processors
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
-
-
-def lerobot(name: str, *args: str) -> str:
-    """Run a LeRobot console script as a user would; returns its combined output."""
-    result = subprocess.run([lerobot_command(name), *args], capture_output=True, text=True, env=ENV, timeout=900)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-6000:]
-    return output
-
+from conftest import LEROBOT_ENV, lerobot
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
@@ -155,7 +145,7 @@ def test_ddp_with_two_cpu_processes(dataset, tokenizer_dir, tmp_path):
             f"--config_path={DEMO_CONFIG}", f"--dataset.root={dataset}", f"--policy.tokenizer_name={tokenizer_dir}",
             "--steps=2", "--save_freq=2", "--log_freq=1", "--batch_size=2", f"--output_dir={tmp_path / 'ddp'}",
         ],
-        capture_output=True, text=True, env=ENV, timeout=900,
+        capture_output=True, text=True, env=LEROBOT_ENV, timeout=900,
     )  # fmt: skip
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import draccus
 import pytest
@@ -14,6 +15,7 @@ from lerobot.configs.train import TrainPipelineConfig
 from lerobot.policies import factory
 
 from lerobot_xvla import XVLAConfig, XVLAPolicy, builtin_xvla
+from lerobot_xvla.cli import PLUGIN_IMPORT_ERROR
 from lerobot_xvla.processor_xvla import ImageNetNormalizeStep, ImageToFloatStep
 
 from conftest import tiny_config
@@ -93,6 +95,33 @@ def test_switch_keeps_the_builtin():
 def test_info_command_reports_the_active_implementation():
     out = run_python("from lerobot_xvla.cli import main; main(['info'])")
     assert "--policy.type=xvla -> lerobot_xvla" in out
+    assert "plugins LeRobot's discovery imported: lerobot_policy_xvla" in out and "ERROR" not in out
     assert "policy:     lerobot_xvla.modeling_xvla.XVLAPolicy" in out
     out = run_python("from lerobot_xvla.cli import main; main(['info'])", LEROBOT_XVLA_BUILTIN="1")
     assert "--policy.type=xvla -> LeRobot built-in" in out
+
+
+def console_script(name: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """Run an installed console script of this venv (lerobot-train, lerobot-xvla, ...) as a user would."""
+    command = [str(Path(sys.executable).parent / name), *args]
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+
+
+def test_lerobot_cli_imports_the_plugin_without_error():
+    """LeRobot swallows a plugin's import error and runs its built-in X-VLA under our name: the worst failure."""
+    result = console_script("lerobot-train", "--help")
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert PLUGIN_IMPORT_ERROR not in output
+    assert "xvla_two_stage" in output  # our scheduler: registered only when the plugin imported
+
+
+def test_info_reports_a_plugin_that_fails_to_import(tmp_path):
+    """A broken discovery shim (shadowing ours on PYTHONPATH): `lerobot-xvla info` names the error, exits 1."""
+    shim = tmp_path / "lerobot_policy_xvla"
+    shim.mkdir()
+    (shim / "__init__.py").write_text("raise ImportError('broken install')\n")
+    result = console_script("lerobot-xvla", "info", PYTHONPATH=str(tmp_path))
+    assert result.returncode == 1
+    assert f"ERROR: {PLUGIN_IMPORT_ERROR}: lerobot_policy_xvla: ImportError('broken install')" in result.stdout
+    assert "plugins LeRobot's discovery imported: none" in result.stdout

@@ -10,7 +10,7 @@ import pytest
 import torch
 from lerobot.configs.default import PeftConfig
 from lerobot.configs.types import FeatureType, PolicyFeature
-from lerobot.utils.train_utils import load_training_state, save_training_state
+from lerobot_xvla.compat import load_training_state, save_training_state
 
 from lerobot_xvla import XVLAConfig, XVLAPolicy
 from lerobot_xvla.training import TwoStageSchedulerConfig, group_of, resample_anchors

@@ -1,0 +1,66 @@
+"""Everything that depends on the installed LeRobot's version, in one place.
+
+lerobot_xvla supports LeRobot 0.4.x (Python >= 3.10, transformers 4.57) and 0.6.x (Python >= 3.12,
+transformers 5). No other module tests a version: they use the names defined here.
+
+What differs between the two, as far as the plugin is concerned:
+
+* checkpoints: LeRobot 0.4.x's built-in X-VLA saves the vendored Florence-2 key layout, 0.6.x's saves
+  transformers' native one (and converts the old one on load); we write what the installed LeRobot writes.
+* deployment on a robot: `lerobot-record --policy.path=...` on 0.4.x, `lerobot-rollout` on 0.6.x
+  (`lerobot-record` became teleoperation-only), which also brings LeRobot's RTC inference engine and a
+  `--use_torch_compile` that `registration.py` maps onto our compile options.
+* the training state helpers moved from `lerobot.utils.train_utils` to `lerobot.common.train_utils`, and
+  `TrainPipelineConfig.eval_freq` became `env_eval_freq`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+
+from packaging.version import Version
+
+LEROBOT_VERSION = Version(importlib.metadata.version("lerobot"))
+# The releases this plugin is tested with, oldest first (constraints/ pins each stack).
+SUPPORTED_LEROBOT = (Version("0.4.3"), Version("0.7"))  # [low, high)
+LEROBOT_06 = LEROBOT_VERSION >= Version("0.6")
+
+# Checkpoint layout the installed LeRobot's built-in X-VLA writes (see checkpoints.py).
+SAVED_LAYOUT = "lerobot-0.6" if LEROBOT_06 else "lerobot-0.4"
+# The LeRobot command that runs a policy on a real robot.
+DEPLOY_COMMAND = "lerobot-rollout" if LEROBOT_06 else "lerobot-record"
+# TrainPipelineConfig's field for the evaluation period during training.
+EVAL_FREQ_FIELD = "env_eval_freq" if LEROBOT_06 else "eval_freq"
+# `lerobot.rollout`, the engine behind lerobot-rollout, whose torch.compile step registration.py hooks.
+HAS_LEROBOT_ROLLOUT = importlib.util.find_spec("lerobot.rollout") is not None
+
+_TRAIN_UTILS = "lerobot.common.train_utils" if LEROBOT_06 else "lerobot.utils.train_utils"
+
+
+def __getattr__(name: str):
+    # load_training_state / save_training_state, imported on first use: LeRobot's training utilities pull in
+    # its optimizers and Hub code, which importing the plugin does not need.
+    if name in ("load_training_state", "save_training_state"):
+        return getattr(importlib.import_module(_TRAIN_UTILS), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def supported() -> bool:
+    low, high = SUPPORTED_LEROBOT
+    return low <= LEROBOT_VERSION < high
+
+
+__all__ = [
+    "DEPLOY_COMMAND",
+    "EVAL_FREQ_FIELD",
+    "HAS_LEROBOT_ROLLOUT",
+    "LEROBOT_06",
+    "LEROBOT_VERSION",
+    "SAVED_LAYOUT",
+    "SUPPORTED_LEROBOT",
+    "load_training_state",
+    "save_training_state",
+    "supported",
+]
