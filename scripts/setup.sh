@@ -3,7 +3,8 @@
 # exports VENV (the venv's directory) and XVLA_STACK (0.6 or 0.4). Idempotent.
 #
 # Which stack: XVLA_STACK=0.6 | 0.4 | auto (default). auto takes LeRobot 0.6.x when a Python >= 3.12 exists
-# ($PYTHON, then python3.13 / python3.12 on PATH, then pyenv's installs), else LeRobot 0.4.4 on Python
+# ($PYTHON, then 3.12 and 3.13 from PATH or pyenv's installs; 3.12 first, the version the stack is tested with:
+# some of its dependencies, labmaze for instance, ship no 3.13 wheels), else LeRobot 0.4.4 on Python
 # 3.10 / 3.11. Each stack installs the versions pinned in constraints/lerobot-<stack>.txt.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -14,9 +15,10 @@ _find_python() {  # $1: 0.6 or 0.4 -> path of a suitable interpreter on stdout
     local candidates=() pyenv_root
     [ -n "${PYTHON:-}" ] && candidates+=("$PYTHON")
     if [ "$1" = 0.6 ]; then
-        candidates+=(python3.13 python3.12)
         pyenv_root=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
-        candidates+=($(ls -d "$pyenv_root"/versions/3.1[2-3]*/bin/python 2>/dev/null | sort -rV))
+        for minor in 12 13; do
+            candidates+=("python3.$minor" $(ls -d "$pyenv_root/versions/3.$minor".*/bin/python 2>/dev/null | sort -rV))
+        done
     else
         candidates+=(python3.11 python3.10 python3)
     fi
@@ -52,6 +54,10 @@ export XVLA_STACK
 if [ "$XVLA_STACK" = 0.6 ]; then export VENV="$PWD/.venv"; else export VENV="$PWD/.venv-lerobot04"; fi
 _CONSTRAINTS="constraints/lerobot-$XVLA_STACK.txt"
 
+if [ -x "$VENV/bin/python" ] && [ "$(_python_minor "$VENV/bin/python")" != "$(_python_minor "$_PY")" ]; then
+    echo "setup: $VENV was made with another Python than $_PY; making it anew"
+    rm -rf "$VENV"
+fi
 if [ ! -x "$VENV/bin/python" ]; then
     "$_PY" -m venv "$VENV"
 fi
