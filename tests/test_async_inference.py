@@ -16,7 +16,7 @@ from lerobot.robots.so_follower import SOFollowerConfig
 
 from lerobot_xvla.demo import lerobot_command
 from sim_so101 import SimCameraConfig, all_goal_writes
-from test_record_so101 import (  # noqa: F401  (fixtures)
+from so101_deploy import (  # noqa: F401  (fixtures)
     CAMERAS,
     HEIGHT,
     PORTS,
