@@ -10,7 +10,8 @@ What differs between the two, as far as the plugin is concerned:
 * deployment on a robot: `lerobot-record --policy.path=...` on 0.4.x, `lerobot-rollout` on 0.6.x
   (`lerobot-record` became teleoperation-only), which also brings LeRobot's RTC inference engine and a
   `--use_torch_compile` that `registration.py` maps onto our compile options.
-* the training state helpers moved from `lerobot.utils.train_utils` to `lerobot.common.train_utils`, and
+* the training state helpers moved from `lerobot.utils.train_utils` to `lerobot.common.train_utils`, the
+  image transforms from `lerobot.datasets.transforms` to `lerobot.transforms.transforms`, and
   `TrainPipelineConfig.eval_freq` became `env_eval_freq`.
 """
 
@@ -36,14 +37,20 @@ EVAL_FREQ_FIELD = "env_eval_freq" if LEROBOT_06 else "eval_freq"
 # `lerobot.rollout`, the engine behind lerobot-rollout, whose torch.compile step registration.py hooks.
 HAS_LEROBOT_ROLLOUT = importlib.util.find_spec("lerobot.rollout") is not None
 
+# Names whose module moved, imported on first use (LeRobot's training utilities pull in its optimizers and Hub
+# code, which importing the plugin does not need).
 _TRAIN_UTILS = "lerobot.common.train_utils" if LEROBOT_06 else "lerobot.utils.train_utils"
+_MOVED = {
+    "load_training_state": _TRAIN_UTILS,
+    "save_training_state": _TRAIN_UTILS,
+    # what `--dataset.image_transforms.*` builds for the training dataset
+    "ImageTransforms": "lerobot.transforms.transforms" if LEROBOT_06 else "lerobot.datasets.transforms",
+}
 
 
 def __getattr__(name: str):
-    # load_training_state / save_training_state, imported on first use: LeRobot's training utilities pull in
-    # its optimizers and Hub code, which importing the plugin does not need.
-    if name in ("load_training_state", "save_training_state"):
-        return getattr(importlib.import_module(_TRAIN_UTILS), name)
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -56,6 +63,7 @@ __all__ = [
     "DEPLOY_COMMAND",
     "EVAL_FREQ_FIELD",
     "HAS_LEROBOT_ROLLOUT",
+    "ImageTransforms",
     "LEROBOT_06",
     "LEROBOT_VERSION",
     "SAVED_LAYOUT",

@@ -38,6 +38,7 @@ from .checkpoints import is_original_config, load_state_dict_strict, original_co
 from .configuration_xvla import XVLAConfig
 from .execution import ChunkExecutor, lerobot_rtc_guidance
 from .florence import build_florence_encoder, encode_views, projection_dim
+from .processor_xvla import normalized_pixel_range
 from .soft_transformer import SoftPromptedTransformer
 from .training import parameter_groups, resample_anchors
 
@@ -352,18 +353,30 @@ class XVLAPolicy(PreTrainedPolicy):
         return images, mask
 
     def _resize(self, image: Tensor) -> Tensor:
-        """[B, 3, h, w] -> [B, 3, H, W] at the network's image size: a stretch, as the checkpoints were
-        trained, or LeRobot's letterbox (bilinear, padded left/top with 0 after normalisation) when
-        resize_imgs_with_padding is set."""
+        """[B, 3, h, w] ImageNet-normalised -> [B, 3, H, W] at the network's image size.
+
+        By default a stretch, as the checkpoints were trained: the original resizes the uint8 PIL image with
+        `Resize((224, 224), BICUBIC)`. PIL's bicubic is antialiased with a = -0.5, as torch's antialiased
+        bicubic; it resizes the width first, then the height, and each pass is stored as uint8, which clips
+        the kernel's overshoot at sharp edges. Two clamped passes in that order reproduce it to within one
+        uint8 step (PIL's rounding), where a single 2-D pass misses by up to 8 steps at saturated edges.
+        With resize_imgs_with_padding: LeRobot's letterbox (bilinear, padded left/top with 0, the mean colour,
+        after normalisation), as its built-in X-VLA does.
+        """
         height, width = self.config.model_image_size
         if tuple(image.shape[-2:]) == (height, width):
             return image
-        if self.config.resize_imgs_with_padding is None:
-            return nn.functional.interpolate(image, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
-        ratio = max(image.shape[-1] / width, image.shape[-2] / height)
-        size = (int(image.shape[-2] / ratio), int(image.shape[-1] / ratio))
-        image = nn.functional.interpolate(image, size=size, mode="bilinear", align_corners=False)
-        return nn.functional.pad(image, (width - size[1], 0, height - size[0], 0))
+        if self.config.resize_imgs_with_padding is not None:
+            ratio = max(image.shape[-1] / width, image.shape[-2] / height)
+            size = (int(image.shape[-2] / ratio), int(image.shape[-1] / ratio))
+            image = nn.functional.interpolate(image, size=size, mode="bilinear", align_corners=False)
+            return nn.functional.pad(image, (width - size[1], 0, height - size[0], 0))
+        low, high = normalized_pixel_range(image)
+        for size in ((image.shape[-2], width), (height, width)):
+            if tuple(image.shape[-2:]) != size:
+                image = nn.functional.interpolate(image, size=size, mode="bicubic", antialias=True, align_corners=False)
+                image = torch.maximum(torch.minimum(image, high), low)
+        return image
 
     def _domain_ids(self, batch: dict[str, Any], batch_size: int, device: torch.device) -> Tensor:
         key = next((k for k in (self.config.domain_feature_key, DOMAIN_ID) if k and k in batch), None)

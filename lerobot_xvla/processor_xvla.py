@@ -46,6 +46,20 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def imagenet_stats(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet (mean, std) as [3, 1, 1] tensors of `like`'s dtype and device."""
+    def as_tensor(values):
+        return torch.tensor(values, dtype=like.dtype, device=like.device).view(3, 1, 1)
+
+    return as_tensor(IMAGENET_MEAN), as_tensor(IMAGENET_STD)
+
+
+def normalized_pixel_range(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel [3, 1, 1] bounds of ImageNet-normalised pixels: where 0 and 1 land after `xvla_imagenet_normalize`."""
+    mean, std = imagenet_stats(like)
+    return -mean / std, (1 - mean) / std
+
+
 def _image_keys(observation: dict[str, Any], image_keys: list[str] | None) -> list[str]:
     # "observation.image" (single camera, e.g. pusht) and "observation.images.<name>"
     keys = image_keys if image_keys is not None else [k for k in observation if k.startswith(OBS_IMAGE)]
@@ -117,9 +131,7 @@ class ImageNetNormalizeStep(_ObservationStep):
         for key in _image_keys(observation, self.image_keys):
             image = observation[key]
             _check_unit_range(key, image, "xvla_imagenet_normalize")
-            shape = (3,) + (1,) * 2
-            mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype, device=image.device).view(shape)
-            std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device).view(shape)
+            mean, std = imagenet_stats(image)
             observation[key] = (image - mean) / std
         return observation
 
