@@ -359,7 +359,7 @@ class XVLAPolicy(PreTrainedPolicy):
         `Resize((224, 224), BICUBIC)`. PIL's bicubic is antialiased with a = -0.5, as torch's antialiased
         bicubic; it resizes the width first, then the height, and each pass is stored as uint8, which clips
         the kernel's overshoot at sharp edges. Two clamped passes in that order reproduce it to within one
-        uint8 step (PIL's rounding), where a single 2-D pass misses by up to 8 steps at saturated edges.
+        uint8 step (PIL's rounding), where a single 2-D pass misses by up to 18 steps at saturated edges.
         With resize_imgs_with_padding: LeRobot's letterbox (bilinear, padded left/top with 0, the mean colour,
         after normalisation), as its built-in X-VLA does.
         """
