@@ -1,6 +1,6 @@
 """How lerobot_xvla takes over `--policy.type=xvla` from LeRobot's built-in X-VLA.
 
-All code that depends on LeRobot's internals or version lives here.
+Every hook into LeRobot's internals lives here; what differs between LeRobot versions is named in `compat.py`.
 
 * draccus refuses a second class under a taken choice name, and LeRobot registers its own `xvla` whenever
   `lerobot.policies` is imported. So we import `lerobot.policies` first (import order never matters to
