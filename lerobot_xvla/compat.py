@@ -12,7 +12,7 @@ What differs between the two, as far as the plugin is concerned:
   `--use_torch_compile` that `registration.py` maps onto our compile options.
 * the training state helpers moved from `lerobot.utils.train_utils` to `lerobot.common.train_utils`, the
   image transforms from `lerobot.datasets.transforms` to `lerobot.transforms.transforms`, and
-  `TrainPipelineConfig.eval_freq` became `env_eval_freq`.
+  `TrainPipelineConfig.eval_freq` became `env_eval_freq` (so the ready configs set neither).
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ LEROBOT_06 = LEROBOT_VERSION >= Version("0.6")
 SAVED_LAYOUT = "lerobot-0.6" if LEROBOT_06 else "lerobot-0.4"
 # The LeRobot command that runs a policy on a real robot.
 DEPLOY_COMMAND = "lerobot-rollout" if LEROBOT_06 else "lerobot-record"
-# TrainPipelineConfig's field for the evaluation period during training.
-EVAL_FREQ_FIELD = "env_eval_freq" if LEROBOT_06 else "eval_freq"
 # `lerobot.rollout`, the engine behind lerobot-rollout, whose torch.compile step registration.py hooks.
 HAS_LEROBOT_ROLLOUT = importlib.util.find_spec("lerobot.rollout") is not None
 
@@ -61,7 +59,6 @@ def supported() -> bool:
 
 __all__ = [
     "DEPLOY_COMMAND",
-    "EVAL_FREQ_FIELD",
     "HAS_LEROBOT_ROLLOUT",
     "ImageTransforms",
     "LEROBOT_06",
