@@ -16,6 +16,7 @@ saved by LeRobot's built-in X-VLA, which have no resize step, still feed the net
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,6 +200,13 @@ class ActionGuardStep(ProcessorStep):
             return transition
         if len(self.low) != action.shape[-1] or len(self.high) != action.shape[-1]:
             raise ValueError(f"xvla_action_guard has bounds for {len(self.low)} values but the action has {action.shape[-1]}")
+        # Clamping to a NaN bound gives NaN: such bounds (a dataset with a NaN action frame) must stop the robot.
+        unbounded = [i for i, (low, high) in enumerate(zip(self.low, self.high, strict=True)) if not math.isfinite(low + high)]
+        if unbounded:
+            raise ValueError(
+                f"xvla_action_guard bounds are not finite for action channels {unbounded}: the action statistics "
+                "(min/max) of the training dataset hold NaN or inf; fix the dataset's frames or its stats"
+            )
         low = torch.tensor(self.low, dtype=action.dtype, device=action.device)
         high = torch.tensor(self.high, dtype=action.dtype, device=action.device)
         clamped = torch.minimum(torch.maximum(action, low), high)

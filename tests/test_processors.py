@@ -141,6 +141,19 @@ def test_action_guard_refuses_non_finite_and_clamps():
         guard(torch.zeros(1, 3))
 
 
+@pytest.mark.parametrize("bound", ["low", "high"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_action_guard_refuses_non_finite_bounds(bound, value):
+    """Statistics of a dataset with a NaN frame: a clamp to a NaN bound would hand NaN to the robot."""
+    bounds = {"low": [-1.0, 0.0, -2.0], "high": [1.0, 100.0, 2.0]}
+    bounds[bound][1] = value
+    guard = PolicyProcessorPipeline(
+        steps=[ActionGuardStep(**bounds)], to_transition=policy_action_to_transition, to_output=transition_to_policy_action
+    )
+    with pytest.raises(ValueError, match=re.escape("bounds are not finite for action channels [1]")):
+        guard(torch.zeros(1, 3))
+
+
 def test_more_than_three_cameras_of_different_resolutions(tokenizer_dir):
     cameras = [f"observation.images.cam{i}" for i in range(5)]
     config = tiny_config(5, tokenizer_name=tokenizer_dir, primary_camera="observation.images.cam3")
