@@ -7,7 +7,7 @@ Importing the package makes `--policy.type=xvla` and `xvla` checkpoints resolve 
 __version__ = "0.1.0"
 
 from .action_modes import ACTION_MODES, ActionMode, build_action_mode, register_action_mode
-from .configuration_xvla import XVLAConfig
+from .configuration_xvla import XVLAConfig, XVLAConfigError
 from .registration import builtin_xvla, install
 
 install()
@@ -30,6 +30,7 @@ __all__ = [
     "ACTION_MODES",
     "ActionMode",
     "XVLAConfig",
+    "XVLAConfigError",
     "XVLAModel",
     "XVLAPolicy",
     "build_action_mode",

@@ -96,7 +96,8 @@ class ActionMode:
     default_normalization: NormalizationMode = NormalizationMode.IDENTITY
 
     def __init__(self, action_dim: int | None, max_action_dim: int) -> None:
-        self.action_dim = self.dim_action if action_dim is None else action_dim
+        # Without a dataset, the widest robot action the mode takes (the whole model vector where any width fits).
+        self.action_dim = max(self.accepted_dims, default=self.dim_action) if action_dim is None else action_dim
         check_action_dim(self.name, self.action_dim, max_action_dim)
 
     @classmethod

@@ -13,18 +13,22 @@ We load all three and write the one the installed LeRobot's built-in X-VLA write
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.constants import CONFIG_NAME
 from lerobot.configs.types import FeatureType, PolicyFeature
 from lerobot.utils.constants import ACTION, OBS_STATE
 from torch import nn
 
 from .action_modes import build_action_mode
 from .compat import SAVED_LAYOUT
+from .florence import ORIGINAL_XVLA, REMOTE_CODE, TRANSFORMERS, complete_florence_config
 
 logger = logging.getLogger(__name__)
 
@@ -141,10 +145,43 @@ def _describe(keys: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def _dtype_kind(tensor: torch.Tensor) -> str:
+    if tensor.dtype == torch.bool:
+        return "bool"
+    if tensor.is_floating_point():
+        return "float"
+    return "complex" if tensor.is_complex() else "integer"
+
+
+def _check_dtype_kinds(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    """Loading casts each tensor to the model's dtype: fine between float precisions, but an integer or boolean
+    tensor where the model holds floats (or the reverse) would load truncated or rounded values."""
+    wrong = [
+        f"{k}: checkpoint {state[k].dtype} vs model {v.dtype}"
+        for k, v in expected.items()
+        if k in state and _dtype_kind(state[k]) != _dtype_kind(v)
+    ]
+    if wrong:
+        raise CheckpointMismatchError(
+            "the checkpoint stores tensors of another kind than the model's (a damaged or foreign file): "
+            + _describe(wrong)
+        )
+
+
+def _check_finite(state: Mapping[str, torch.Tensor], keys: Iterable[str]) -> None:
+    """Refuse NaN or infinite weights, which would only show as non-finite actions. One sum per tensor (about half
+    a second for X-VLA-0.9B on two CPU cores); `isfinite` confirms the tensors whose sum is not finite."""
+    suspects = [k for k in keys if state[k].is_floating_point() and not bool(state[k].sum().isfinite())]
+    bad = [k for k in suspects if not bool(torch.isfinite(state[k]).all())]
+    if bad:
+        raise CheckpointMismatchError(f"the checkpoint holds NaN or infinite values in {_describe(bad)}")
+
+
 def load_state_dict_strict(
     module: nn.Module, state_dict: Mapping[str, torch.Tensor], reinit: Iterable[str] = ()
 ) -> None:
-    """Load `state_dict` (any layout) into a policy, refusing missing, unexpected or mis-shaped keys.
+    """Load `state_dict` (any layout) into a policy, refusing missing, unexpected or mis-shaped keys, tensors
+    of another kind than the model's (integers for floats, ...) and NaN or infinite values.
 
     `reinit` lists parameter-name prefixes (relative to `model.`) allowed to differ: those keep the module's
     fresh initialisation, except per-domain tables that only grew along the domain dimension, which keep
@@ -174,6 +211,8 @@ def load_state_dict_strict(
             + ". Check the architecture fields of the config (florence_config, hidden_size, depth, num_domains, "
             "max_state_dim, action_mode, ...), or list the parts to re-initialise in checkpoint_reinit."
         )
+    _check_dtype_kinds(state, expected)
+    _check_finite(state, [k for k in expected if k in state])
     to_load = {}
     for key, value in expected.items():
         if key not in state:
@@ -193,36 +232,69 @@ def load_state_dict_strict(
     module.load_state_dict(to_load, strict=False)
 
 
+# The config classes of the code that writes each layout, which filled in the florence fields it left out.
+_WRITER_DEFAULTS = {VENDORED: REMOTE_CODE, NATIVE: TRANSFORMERS, ORIGINAL: ORIGINAL_XVLA}
+
+
+def checkpoint_florence_config(
+    florence_config: dict[str, Any], directory: str | Path, state_dict: Mapping[str, torch.Tensor]
+) -> dict[str, Any]:
+    """`florence_config` completed the way the code that wrote the checkpoint in `directory` read it; call it
+    before building the policy that `state_dict` (the checkpoint's weights) will be loaded into.
+
+    lerobot_xvla saves every florence field. A saved florence_config whose missing fields read differently
+    with Microsoft's and transformers' defaults was written by LeRobot's built-in X-VLA, in the version the
+    weights' layout tells: 0.4.x reads it with Microsoft's classes, as lerobot_xvla does; >= 0.6 with
+    transformers' (Florence-2-base widths, 50 image position rows, BART's 50265-token vocabulary).
+    """
+    saved = json.loads((Path(directory) / CONFIG_NAME).read_text()).get("florence_config")
+    if not saved or complete_florence_config(saved, REMOTE_CODE) == complete_florence_config(saved, TRANSFORMERS):
+        return complete_florence_config(florence_config)
+    defaults = _WRITER_DEFAULTS[detect_layout(state_dict)]
+    logger.info("florence_config fields the checkpoint leaves out take the defaults of %s's classes", defaults)
+    return complete_florence_config(florence_config, defaults)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The original 2toINF/X-VLA format
 # ----------------------------------------------------------------------------------------------------------
-_ORIGINAL_TO_LEROBOT = {"num_actions": "chunk_size"}
+# The original XVLAConfig's defaults (models/configuration_xvla.py), for the fields a config.json leaves out.
+_ORIGINAL_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 1024, "depth": 24, "num_heads": 16, "mlp_ratio": 4.0, "num_domains": 30, "len_soft_prompts": 32,
+    "dim_time": 32, "max_len_seq": 512, "use_hetero_proj": False, "max_action_dim": 20, "real_action_dim": 20,
+    "num_actions": 30, "action_mode": "ee6d",
+}  # fmt: skip
 _SHARED_FIELDS = (
-    "florence_config", "hidden_size", "depth", "num_heads", "mlp_ratio", "num_domains", "len_soft_prompts",
-    "dim_time", "max_len_seq", "use_hetero_proj", "action_mode", "use_proprio", "max_action_dim",
+    "hidden_size", "depth", "num_heads", "mlp_ratio", "num_domains", "len_soft_prompts", "dim_time", "max_len_seq",
+    "use_hetero_proj", "max_action_dim",
 )  # fmt: skip
 ORIGINAL_CAMERAS = ("observation.images.image0", "observation.images.image1", "observation.images.image2")
 
 
 def is_original_config(config: Mapping[str, Any]) -> bool:
-    """An original config.json has no LeRobot "type" and names the chunk `num_actions`."""
-    return "type" not in config and "num_actions" in config
+    """An original config.json has no LeRobot "type"; transformers writes its model_type, "xvla"."""
+    return "type" not in config and (config.get("model_type") == "xvla" or "num_actions" in config)
 
 
 def original_config_to_lerobot(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Map an original `config.json` onto `XVLAConfig` keyword arguments, features included.
+    """Map an original `config.json` onto `XVLAConfig` keyword arguments, features included; fields it leaves
+    out take the original classes' defaults.
 
     The original feeds three views (`image0` is the primary one), conditions on a proprio as wide as the
-    model action (20 for ee6d) and tokenizes with the checkpoint's own BART tokenizer.
+    model action (20 for ee6d, `use_proprio` is never read) and tokenizes with the checkpoint's own BART
+    tokenizer. Its action spaces are ee6d, joint, agibot_ee6d and auto; only `auto` reads `real_action_dim`
+    (the robot's width, `max_action_dim` being the model's), the others return the whole model vector.
     """
-    kwargs = {k: config[k] for k in _SHARED_FIELDS if k in config}
-    for original, ours in _ORIGINAL_TO_LEROBOT.items():
-        kwargs[ours] = config[original]
-    kwargs["n_action_steps"] = kwargs["chunk_size"]
-    kwargs["florence_config"] = {part: dict(config["florence_config"][part]) for part in ("vision_config", "text_config")}
-    mode = build_action_mode(
-        kwargs.get("action_mode", "ee6d"), config.get("real_action_dim"), kwargs.get("max_action_dim", 20)
-    )
+    config = {**_ORIGINAL_DEFAULTS, **config}
+    kwargs = {k: config[k] for k in _SHARED_FIELDS}
+    kwargs["chunk_size"] = kwargs["n_action_steps"] = config["num_actions"]
+    kwargs["action_mode"] = config["action_mode"].lower()
+    florence = config.get("florence_config") or {}
+    parts = {part: florence[part] for part in ("vision_config", "text_config") if part in florence}
+    kwargs["florence_config"] = complete_florence_config(parts, ORIGINAL_XVLA)
+    real_dim = config["real_action_dim"] if kwargs["action_mode"] == "auto" else None
+    mode = build_action_mode(kwargs["action_mode"], real_dim, kwargs["max_action_dim"])
+    kwargs["use_proprio"] = True
     kwargs["max_state_dim"] = mode.dim_action
     kwargs["input_features"] = {
         **{key: PolicyFeature(type=FeatureType.VISUAL, shape=(3, 224, 224)) for key in ORIGINAL_CAMERAS},
@@ -230,4 +302,3 @@ def original_config_to_lerobot(config: Mapping[str, Any]) -> dict[str, Any]:
     }
     kwargs["output_features"] = {ACTION: PolicyFeature(type=FeatureType.ACTION, shape=(mode.action_dim,))}
     return kwargs
-

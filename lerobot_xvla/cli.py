@@ -15,7 +15,9 @@ import importlib.metadata
 import logging
 import os
 import platform
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -100,20 +102,70 @@ def info() -> int:
     return 1 if discovery.failures else 0
 
 
-def convert(source: str, destination: Path, device: str) -> None:
-    """Load with every layout check, then save in the LeRobot layout with processors."""
-    from .modeling_xvla import XVLAPolicy, load_config
-    from .processor_xvla import make_xvla_pre_post_processors
+class ConvertRefused(ValueError):
+    """`convert` would lose data: the destination is the source, lies inside it, holds it, or holds other files."""
 
-    config = load_config(Path(source)) if Path(source).is_dir() else None
-    if config is not None:
-        config.device = device
-    policy = XVLAPolicy.from_pretrained(source, config=config)
-    destination.mkdir(parents=True, exist_ok=True)
-    policy.save_pretrained(destination)
-    preprocessor, postprocessor = make_xvla_pre_post_processors(policy.config)
-    preprocessor.save_pretrained(destination)
-    postprocessor.save_pretrained(destination)
+
+def _check_destination(source: str, destination: Path, overwrite: bool) -> None:
+    """Refuse every destination whose writing could destroy a checkpoint (symbolic links resolved)."""
+    if os.path.isdir(source):  # a Hub id cannot overlap a local directory
+        origin = Path(source).resolve()
+        if destination == origin:
+            raise ConvertRefused(
+                f"the destination {destination} is the source checkpoint; write the converted checkpoint to another directory"
+            )
+        if origin in destination.parents:
+            raise ConvertRefused(
+                f"the destination {destination} is inside the source checkpoint {origin}; "
+                "write the converted checkpoint outside it"
+            )
+        if destination in origin.parents:
+            raise ConvertRefused(
+                f"the source checkpoint {origin} is inside the destination {destination}; "
+                "replacing the destination would delete it"
+            )
+    if destination.exists() and not destination.is_dir():
+        raise ConvertRefused(f"the destination {destination} is not a directory")
+    if destination.is_dir() and any(destination.iterdir()) and not overwrite:
+        raise ConvertRefused(f"the destination {destination} is not empty; pass --overwrite to replace it")
+
+
+def _replace_directory(staging: Path, destination: Path) -> None:
+    """Move the complete `staging` directory to `destination` by renames, so `destination` holds either its
+    old files or all the new ones, never a mix; the old directory is deleted once the new one is in place."""
+    if not destination.exists():
+        staging.rename(destination)
+        return
+    previous = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old.", dir=destination.parent))
+    destination.replace(previous)  # onto the empty directory mkdtemp reserved
+    try:
+        staging.rename(destination)
+    except BaseException:
+        previous.rename(destination)
+        raise
+    shutil.rmtree(previous)
+
+
+def convert(source: str, destination: Path, device: str = "cpu", overwrite: bool = False) -> None:
+    """Write any X-VLA checkpoint (directory or Hub id) as a LeRobot checkpoint directory: the weights, and
+    the source's processors with their statistics (fresh ones for original-format checkpoints, which have
+    none). The destination is written whole or not at all; see `_check_destination` for what is refused."""
+    from .modeling_xvla import _checkpoint_directory, load_for_inference
+
+    destination = destination.resolve()
+    _check_destination(source, destination, overwrite)
+    policy, preprocessor, postprocessor = load_for_inference(_checkpoint_directory(source), device)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    # A sibling, so the final rename stays on one file system.
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent))
+    try:
+        policy.save_pretrained(staging)
+        preprocessor.save_pretrained(staging)
+        postprocessor.save_pretrained(staging)
+        _replace_directory(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     print(f"wrote {destination} ({policy.config.action_mode}, chunk {policy.config.chunk_size}, cameras {policy.config.camera_order})")
 
 
@@ -121,16 +173,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lerobot-xvla", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions and which implementation --policy.type=xvla resolves to")
-    conv = commands.add_parser("convert", help="write any X-VLA checkpoint as a LeRobot checkpoint directory")
+    conv = commands.add_parser(
+        "convert",
+        help="write any X-VLA checkpoint as a LeRobot checkpoint directory",
+        description="Write any X-VLA checkpoint as a LeRobot checkpoint directory: weights in the installed LeRobot's "
+        "layout, the source's processors with their statistics, and the tokenizer files.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     conv.add_argument("source", help="checkpoint directory or Hub id (LeRobot 0.4.x, LeRobot >= 0.6 or original format)")
-    conv.add_argument("destination", type=Path)
-    conv.add_argument("--device", default="cpu")
-    serve = commands.add_parser("serve", help="HTTP /act server compatible with the original X-VLA clients")
+    conv.add_argument(
+        "destination", type=Path, help="directory to write; it must not exist or be empty, unless --overwrite"
+    )
+    conv.add_argument(
+        "--device", default="cpu", help="device the checkpoint is loaded on, and that its preprocessor moves inputs to"
+    )
+    conv.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty destination; it is swapped in whole once the new checkpoint is complete",
+    )
+    serve = commands.add_parser(
+        "serve",
+        help="HTTP /act server compatible with the original X-VLA clients (needs: pip install 'lerobot_policy_xvla[serve]')",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     serve.add_argument("checkpoint", help="checkpoint directory (LeRobot or original format)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind; other machines can connect only if you change it")
-    serve.add_argument("--port", type=int, default=8010)
-    serve.add_argument("--device", default="cpu")
-    serve.add_argument("--max-request-mb", type=float, default=32.0)
+    serve.add_argument("--port", type=int, default=8010, help="TCP port to listen on")
+    serve.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:1, mps, ...)")
+    serve.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body; a larger one is refused (413) unread")
     return parser
 
 
@@ -139,7 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         return info()
     if args.command == "convert":
-        convert(args.source, args.destination, args.device)
+        try:
+            convert(args.source, args.destination, args.device, args.overwrite)
+        except ConvertRefused as error:
+            print(f"lerobot-xvla convert: error: {error}", file=sys.stderr)
+            return 2
     else:
         from .http_server import serve
 

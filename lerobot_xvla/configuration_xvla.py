@@ -21,16 +21,70 @@ from huggingface_hub.constants import CONFIG_NAME
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.configs.types import FeatureType, NormalizationMode, PolicyFeature
 from lerobot.optim.optimizers import AdamWConfig
-from lerobot.utils.constants import OBS_IMAGES
+from lerobot.utils.constants import OBS_IMAGES, OBS_STATE
+from transformers.utils import PaddingStrategy
 
-from .action_modes import check_action_dim, get_action_mode_class
-from .florence import FLORENCE2_LARGE, image_tokens_per_view
+from .action_modes import ACTION_MODES, check_action_dim, get_action_mode_class
+from .florence import (
+    FLORENCE2_LARGE,
+    check_image_size,
+    complete_florence_config,
+    image_tokens_per_view,
+    native_florence_config,
+)
 from .training import TwoStageSchedulerConfig
 
 logger = logging.getLogger(__name__)
 
 EMPTY_CAMERA_PREFIX = f"{OBS_IMAGES}.empty_camera_"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class XVLAConfigError(Exception):
+    """An XVLAConfig field holds a value X-VLA cannot build or run with; the message names the field and what
+    it takes.
+
+    Not a ValueError on purpose: draccus (LeRobot's config parser) replaces a ValueError or TypeError raised
+    while a config is built by "Couldn't instantiate class XVLAConfig", without the reason; the message of any
+    other exception reaches the command line (`lerobot-train --policy.chunk_size=0 ...`).
+    """
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise XVLAConfigError(message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# Integer fields and the least value each takes.
+_INT_MINIMUM = {
+    "n_obs_steps": 1, "chunk_size": 1, "tokenizer_max_length": 1, "hidden_size": 1, "depth": 1, "num_heads": 1,
+    "num_domains": 1, "len_soft_prompts": 0, "dim_time": 1, "max_len_seq": 1, "num_denoising_steps": 1,
+    "max_state_dim": 1, "max_action_dim": 1, "empty_cameras": 0, "chunk_blend_steps": 0, "log_loss_terms_every": 0,
+    "freeze_steps": 0, "scheduler_warmup_steps": 0, "scheduler_decay_steps": 0,
+}  # fmt: skip
+# Real-valued fields: True when they must be > 0, False when >= 0 does (rates, scales, norms).
+_NUMBER_SIGN = {
+    "mlp_ratio": True, "optimizer_lr": True, "optimizer_eps": False, "optimizer_weight_decay": False,
+    "optimizer_grad_clip_norm": False, "learning_coef": False, "optimizer_soft_prompt_lr_scale": False,
+    "optimizer_soft_prompt_warmup_lr_scale": False, "scheduler_decay_lr": False,
+}  # fmt: skip
+_OPTIONAL_NUMBERS = ("optimizer_soft_prompt_warmup_lr_scale",)
+_CHOICES = {
+    "dtype": ("float32", "bfloat16"),
+    "weights_dtype": ("float32", "bfloat16"),
+    "compile_mode": COMPILE_MODES,
+    "lr_decay": ("constant", "cosine"),
+    "tokenizer_padding_side": ("right", "left"),
+    "pad_language_to": tuple(strategy.value for strategy in PaddingStrategy),
+}
 
 # Where the released checkpoints put each embodiment (the original's DATA_DOMAIN_ID and evaluation clients).
 PRETRAINED_DOMAIN_IDS: dict[str, int] = {
@@ -65,7 +119,8 @@ def plugin_only(default: Any = None, default_factory: Any = None):
 
 @dataclass
 class XVLAConfig(PreTrainedConfig):
-    """Configuration of the X-VLA policy.
+    """Configuration of the X-VLA policy. A value X-VLA cannot build or run with raises `XVLAConfigError`,
+    naming the field and what it takes.
 
     The fields you most likely change are the ones that describe your robot: `action_mode`, `domain_id`,
     `primary_camera`, `empty_cameras`, `image_size`. Everything under "Architecture" must match the
@@ -86,9 +141,12 @@ class XVLAConfig(PreTrainedConfig):
 
     Vision-language backbone
         florence_config: Florence-2 architecture, in the remote-code format of X-VLA `config.json` files.
-            Defaults to Florence-2-large; tests and demos pass tiny ones.
+            Defaults to Florence-2-large; tests and demos pass tiny ones. Fields it leaves out take the defaults
+            of Microsoft's Florence-2 classes, as LeRobot 0.4.x and the original read them (transformers' for a
+            config in their format); saved checkpoints write every field (`florence.complete_florence_config`).
         tokenizer_name: Hub id or local directory of a BART tokenizer (the checkpoints' own tokenizer or
-            facebook/bart-large, whose ids are the same for plain text).
+            facebook/bart-large, whose ids are the same for plain text). Saved checkpoints carry a copy of it in
+            their `tokenizer/` directory and record a local directory as "tokenizer" (relative to the checkpoint).
         tokenizer_max_length: text tokens per sample (50 for every checkpoint).
         tokenizer_padding_side / pad_language_to: padding of the text; pad tokens are attended, as in the original.
 
@@ -240,50 +298,134 @@ class XVLAConfig(PreTrainedConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.chunk_size <= 0:
-            raise ValueError(f"chunk_size must be > 0, got {self.chunk_size}")
-        if self.depth <= 0:
-            raise ValueError(f"depth (transformer blocks) must be > 0, got {self.depth}")
-        if (self.anchor_horizon_s is None) != (self.anchor_fps is None):
-            raise ValueError("anchor_horizon_s and anchor_fps go together: set both (time anchors) or neither")
-        if self.anchor_horizon_s is not None and min(self.anchor_horizon_s, self.anchor_fps) <= 0:
-            raise ValueError(f"anchor_horizon_s and anchor_fps must be > 0, got {self.anchor_horizon_s}, {self.anchor_fps}")
-        if not 0 < self.n_action_steps <= self.executable_steps:
-            raise ValueError(f"n_action_steps must be in 1..{self.executable_steps}, got {self.n_action_steps}")
-        if self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
-        if self.chunk_blend_steps < 0:
-            raise ValueError(f"chunk_blend_steps must be >= 0, got {self.chunk_blend_steps}")
-        for name in ("dtype", "weights_dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16"):
-                raise ValueError(f"{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
-        if self.num_image_views is not None and self.num_image_views <= 0:
-            raise ValueError(f"num_image_views must be > 0 when set, got {self.num_image_views}")
-        if self.num_denoising_steps <= 0:
-            raise ValueError(f"num_denoising_steps must be > 0, got {self.num_denoising_steps}")
+        self._check_numbers()
+        self._check_choices()
+        self._check_architecture()
+        self._check_domains()
+        self._check_execution()
         mode = get_action_mode_class(self.action_mode)
-        ids = {"domain_id": self.domain_id, "init_domain_from": self.init_domain_from}
-        ids.update({f"domain_map[{k!r}]": v for k, v in self.domain_map.items()})
-        for name, value in ids.items():
-            if value is not None and not 0 <= value < self.num_domains:
-                raise ValueError(f"{name} must be in [0, num_domains={self.num_domains}), got {value}")
-        if self.init_domain_from is not None and self.domain_id in (None, self.init_domain_from):
-            raise ValueError(
-                f"init_domain_from={self.init_domain_from} needs domain_id set to the new robot's (another) id"
-            )
         if self.normalization_mapping is None:
             self.normalization_mapping = {
                 "VISUAL": NormalizationMode.IDENTITY,
                 "STATE": mode.default_normalization,
                 "ACTION": mode.default_normalization,
             }
-        if self.use_predicted_proprio and {self.normalization_mapping.get(k) for k in ("STATE", "ACTION")} != {NormalizationMode.IDENTITY}:
-            raise ValueError("use_predicted_proprio feeds actions back as proprio: it needs IDENTITY STATE and ACTION normalization")
+        self._check_normalization()
         if self.optimizer_soft_prompt_warmup_lr_scale is not None:
             logger.warning(
                 "optimizer_soft_prompt_warmup_lr_scale is a LeRobot built-in field that lerobot_xvla ignores; "
                 "the soft prompts train at optimizer_lr * learning_coef * optimizer_soft_prompt_lr_scale"
             )
+
+    # ----------------------------------------------------------------------------------------------------
+    # Validation: every message names the field and what it takes (XVLAConfigError, see there why)
+    # ----------------------------------------------------------------------------------------------------
+    def _check_numbers(self) -> None:
+        for name, low in _INT_MINIMUM.items():
+            value = getattr(self, name)
+            _require(_is_int(value) and value >= low, f"{name} must be an integer >= {low}, got {value!r}")
+        for name, positive in _NUMBER_SIGN.items():
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_NUMBERS:
+                continue
+            valid = _is_number(value) and (value > 0 if positive else value >= 0)
+            _require(valid, f"{name} must be a number {'>' if positive else '>='} 0, got {value!r}")
+        betas = self.optimizer_betas
+        _require(
+            isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas),
+            f"optimizer_betas must be two numbers in [0, 1), got {betas!r}",
+        )
+
+    def _check_choices(self) -> None:
+        for name, choices in _CHOICES.items():
+            value = getattr(self, name)
+            _require(value in choices, f"{name} must be one of {list(choices)}, got {value!r}")
+        _require(
+            isinstance(self.action_mode, str) and self.action_mode.lower() in ACTION_MODES,
+            f"action_mode must be one of the registered modes {sorted(ACTION_MODES)}, got {self.action_mode!r}",
+        )
+        _require(
+            bool(self.tokenizer_name),
+            f"tokenizer_name must name a tokenizer (Hub id or directory), got {self.tokenizer_name!r}",
+        )
+
+    def _check_architecture(self) -> None:
+        _require(
+            self.hidden_size % self.num_heads == 0,
+            f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}",
+        )
+        for name in ("image_size", "resize_imgs_with_padding"):
+            size = getattr(self, name)
+            if size is None and name == "resize_imgs_with_padding":
+                continue
+            _require(
+                isinstance(size, (tuple, list)) and len(size) == 2 and all(_is_int(v) and v >= 1 for v in size),
+                f"{name} must be (height, width), two integers >= 1, got {size!r}",
+            )
+        try:
+            native_florence_config(self.florence_config)
+            check_image_size(self.florence_config, *self.model_image_size)
+        except (TypeError, ValueError) as error:
+            raise XVLAConfigError(str(error)) from error
+        views = self.num_image_views
+        _require(
+            views is None or (_is_int(views) and views >= 1),
+            f"num_image_views must be an integer >= 1 when set, got {views!r}",
+        )
+        self._check_sequence_length(views or 1)  # at least one view; validate_features counts the cameras
+
+    def _check_sequence_length(self, views: int) -> None:
+        """The learned positional table must cover the actions, the text and every view's image tokens."""
+        height, width = self.model_image_size
+        image_tokens = views * image_tokens_per_view(self.florence_config, height, width)
+        seq_len = self.chunk_size + self.tokenizer_max_length + image_tokens
+        _require(
+            seq_len <= self.max_len_seq,
+            f"{views} view(s) at {height}x{width}, {self.tokenizer_max_length} text tokens and {self.chunk_size} "
+            f"actions make {seq_len} tokens > max_len_seq={self.max_len_seq}",
+        )
+
+    def _check_domains(self) -> None:
+        ids = {"domain_id": self.domain_id, "init_domain_from": self.init_domain_from}
+        ids.update({f"domain_map[{k!r}]": v for k, v in self.domain_map.items()})
+        for name, value in ids.items():
+            _require(
+                value is None or (_is_int(value) and 0 <= value < self.num_domains),
+                f"{name} must be in [0, num_domains={self.num_domains}), got {value}",
+            )
+        _require(
+            self.init_domain_from is None or self.domain_id not in (None, self.init_domain_from),
+            f"init_domain_from={self.init_domain_from} needs domain_id set to the new robot's (another) id",
+        )
+
+    def _check_execution(self) -> None:
+        _require(
+            (self.anchor_horizon_s is None) == (self.anchor_fps is None),
+            "anchor_horizon_s and anchor_fps go together: set both (time anchors) or neither",
+        )
+        horizon, fps = self.anchor_horizon_s, self.anchor_fps
+        _require(
+            horizon is None or (_is_number(horizon) and _is_number(fps) and min(horizon, fps) > 0),
+            f"anchor_horizon_s and anchor_fps must be > 0, got {horizon}, {fps}",
+        )
+        _require(
+            _is_int(self.n_action_steps) and 0 < self.n_action_steps <= self.executable_steps,
+            f"n_action_steps must be in 1..{self.executable_steps}, got {self.n_action_steps}",
+        )
+
+    def _check_normalization(self) -> None:
+        mapping = self.normalization_mapping
+        types, modes = [t.name for t in FeatureType], list(NormalizationMode)
+        _require(
+            isinstance(mapping, dict) and all(k in types and v in modes for k, v in mapping.items()),
+            f"normalization_mapping must map feature types {types} to normalization modes "
+            f"{[m.value for m in modes]}, got {mapping!r}",
+        )
+        _require(
+            not self.use_predicted_proprio
+            or {mapping.get(k) for k in ("STATE", "ACTION")} == {NormalizationMode.IDENTITY},
+            "use_predicted_proprio feeds actions back as proprio: it needs IDENTITY STATE and ACTION normalization",
+        )
 
     # ----------------------------------------------------------------------------------------------------
     # Derived views of the config
@@ -333,6 +475,16 @@ class XVLAConfig(PreTrainedConfig):
         logger.info("X-VLA cameras %s are not in the dataset: they become %d empty view slot(s)", missing, self.empty_cameras)
         return missing
 
+    def adopt_dataset_state(self, shape: tuple[int, ...] | None) -> None:
+        """Fine-tuning from a checkpoint: LeRobot keeps the checkpoint's input features, but the robot state the
+        policy will see is the dataset's (zero-padded to max_state_dim in the network), so the state feature
+        takes the dataset's shape and the preprocessor checks states against it."""
+        state = self.robot_state_feature
+        if shape is None or state is None or tuple(shape) == tuple(state.shape):
+            return
+        self.input_features[OBS_STATE] = PolicyFeature(type=FeatureType.STATE, shape=tuple(shape))
+        logger.info("X-VLA state feature %s -> %s (the dataset's)", tuple(state.shape), tuple(shape))
+
     def resolve_domain(self, robot_type: str | None, repo_id: str | None) -> None:
         """Take `domain_id` from `domain_map` for the dataset at hand (its robot type first, then its repo id)."""
         if not self.domain_map:
@@ -381,17 +533,7 @@ class XVLAConfig(PreTrainedConfig):
             check_action_dim(self.action_mode, self.action_dim, self.max_action_dim)
         views = len(images) + self.empty_cameras
         self.num_image_views = max(self.num_image_views or views, views)
-        height, width = self.model_image_size
-        seq_len = (
-            self.chunk_size
-            + self.tokenizer_max_length
-            + self.num_image_views * image_tokens_per_view(height, width)
-        )
-        if seq_len > self.max_len_seq:
-            raise ValueError(
-                f"{self.num_image_views} views at {height}x{width}, {self.tokenizer_max_length} text tokens and "
-                f"{self.chunk_size} actions make {seq_len} tokens > max_len_seq={self.max_len_seq}"
-            )
+        self._check_sequence_length(self.num_image_views)
 
     # ----------------------------------------------------------------------------------------------------
     # LeRobot contract
@@ -433,10 +575,16 @@ class XVLAConfig(PreTrainedConfig):
 
     def _save_pretrained(self, save_directory: Path) -> None:
         """Write config.json as the installed LeRobot does ("type" included), without the plugin-only fields
-        that hold their defaults (see module docstring)."""
+        that hold their defaults (see module docstring). A local tokenizer directory is recorded as the
+        checkpoint's own copy, which its preprocessor writes (`processor_xvla.saved_tokenizer_name`)."""
+        from .processor_xvla import saved_tokenizer_name  # processor_xvla imports this module
+
         super()._save_pretrained(save_directory)
         path = Path(save_directory) / CONFIG_NAME
         encoded = json.loads(path.read_text())
+        encoded["tokenizer_name"] = saved_tokenizer_name(self.tokenizer_name)
+        # Every architecture field written out: LeRobot's built-ins fill the ones left out with other defaults.
+        encoded["florence_config"] = complete_florence_config(self.florence_config)
         for f in fields(self):
             if f.metadata.get("plugin_only") and getattr(self, f.name) == _field_default(f):
                 encoded.pop(f.name, None)

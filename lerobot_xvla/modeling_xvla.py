@@ -27,18 +27,24 @@ import torch
 from lerobot.configs.default import PeftConfig
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.policies.pretrained import PreTrainedPolicy
-from lerobot.utils.constants import ACTION, OBS_LANGUAGE_TOKENS, OBS_STATE, POLICY_PREPROCESSOR_DEFAULT_NAME
+from lerobot.utils.constants import (
+    ACTION,
+    OBS_LANGUAGE_TOKENS,
+    OBS_STATE,
+    POLICY_POSTPROCESSOR_DEFAULT_NAME,
+    POLICY_PREPROCESSOR_DEFAULT_NAME,
+)
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from . import __version__
 from .action_modes import build_action_mode
-from .checkpoints import is_original_config, load_state_dict_strict, original_config_to_lerobot, to_saved_layout
+from .checkpoints import checkpoint_florence_config, is_original_config, load_state_dict_strict, original_config_to_lerobot, to_saved_layout
 from .configuration_xvla import XVLAConfig
 from .execution import ChunkExecutor, lerobot_rtc_guidance
 from .florence import build_florence_encoder, encode_views, projection_dim
-from .processor_xvla import normalized_pixel_range
+from .processor_xvla import TOKENIZER_DIR, normalized_pixel_range, resolve_tokenizer_name
 from .soft_transformer import SoftPromptedTransformer
 from .training import parameter_groups, resample_anchors
 
@@ -340,12 +346,15 @@ class XVLAPolicy(PreTrainedPolicy):
             image = batch[key]
             if image.ndim == 5:
                 image = image[:, -1]
-            if image.ndim != 4 or image.shape[1] != 3:
+            if image.ndim != 4 or image.shape[1] != 3 or min(image.shape[-2:]) < 1:
                 raise ValueError(f"camera '{key}' has shape {tuple(image.shape)}; expected [B, 3, H, W] (or [B, T, 3, H, W])")
             views.append(self._resize(image))
         reference = next((v for v in views if v is not None), None)
         if reference is None:
             raise ValueError(f"none of the cameras {cfg.camera_order} is in the batch")
+        sizes = {key: v.shape[0] for key, v in zip(cfg.camera_order, views, strict=False) if v is not None}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"the cameras have different batch sizes {sizes}; every input needs the same batch size")
         views += [None] * (cfg.num_image_views - len(views))
         zeros = torch.zeros_like(reference)
         images = torch.stack([zeros if v is None else v for v in views], dim=1)
@@ -398,6 +407,8 @@ class XVLAPolicy(PreTrainedPolicy):
         if OBS_STATE not in batch:
             raise ValueError(f"the batch has no '{OBS_STATE}' (use_proprio=True)")
         state = batch[OBS_STATE]
+        if state.ndim not in (2, 3):
+            raise ValueError(f"'{OBS_STATE}' has shape {tuple(state.shape)}; expected [B, S] (or [B, T, S])")
         return self._pad_proprio(state[:, -1] if state.ndim == 3 else state)
 
     def _pad_proprio(self, state: Tensor) -> Tensor:
@@ -407,18 +418,25 @@ class XVLAPolicy(PreTrainedPolicy):
             raise ValueError(f"'{OBS_STATE}' has {state.shape[-1]} values; max_state_dim={width}")
         return nn.functional.pad(state, (0, width - state.shape[-1]))
 
-    def _model_inputs(self, batch: dict[str, Tensor], absent_cameras: Collection[str] = ()) -> dict[str, Tensor]:
+    def _build_model_inputs(self, batch: dict[str, Tensor], absent_cameras: Collection[str] = ()) -> dict[str, Tensor]:
+        """A preprocessed batch -> the network's inputs: input_ids [B, L], image_input [B, V, 3, H, W],
+        image_mask [B, V], domain_id [B], proprio [B, max_state_dim]. Shapes are checked (which costs no host
+        sync); values were checked by the preprocessor while on the CPU."""
         if OBS_LANGUAGE_TOKENS not in batch:
             raise ValueError(f"the batch has no '{OBS_LANGUAGE_TOKENS}': run the X-VLA preprocessor (its tokenizer step)")
         input_ids = batch[OBS_LANGUAGE_TOKENS]
         images, mask = self._images(batch, absent_cameras)
         batch_size, device = input_ids.shape[0], images.device
+        proprio = self._proprio(batch, batch_size, device)
+        sizes = {"language tokens": batch_size, "cameras": images.shape[0], OBS_STATE: proprio.shape[0]}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"the batch sizes of the inputs differ: {sizes}; every input needs the same batch size")
         return {
             "input_ids": input_ids,
             "image_input": images,
             "image_mask": mask,
             "domain_id": self._domain_ids(batch, batch_size, device),
-            "proprio": self._proprio(batch, batch_size, device),
+            "proprio": proprio,
         }
 
     def _targets(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -472,7 +490,7 @@ class XVLAPolicy(PreTrainedPolicy):
         if self.training and self._bf16_weights:
             raise ValueError("weights_dtype=bfloat16 is for inference; train with dtype=bfloat16 (fp32 master weights)")
         actions, valid, first_point = self._targets(batch)
-        inputs = self._model_inputs(batch)
+        inputs = self._build_model_inputs(batch)
         if first_point is not None:  # time anchors: the proprio is the trajectory's first point
             inputs["proprio"] = self._pad_proprio(first_point)
         with self._autocast(actions.device):
@@ -510,7 +528,7 @@ class XVLAPolicy(PreTrainedPolicy):
             if guidance is not None:
                 raise ValueError("pass either guidance or prev_chunk_left_over (LeRobot's RTC), not both")
             guidance = lerobot_rtc_guidance(prev_chunk_left_over, inference_delay or 0, self.config.chunk_size, rtc_config)
-        inputs = self._model_inputs(batch, absent_cameras)
+        inputs = self._build_model_inputs(batch, absent_cameras)
         steps = steps or self.config.num_denoising_steps
         with self._autocast(inputs["image_input"].device):
             actions = self.model.generate_actions(**inputs, steps=steps, noise=noise, guidance=guidance)
@@ -577,8 +595,10 @@ class XVLAPolicy(PreTrainedPolicy):
         )
         if config is None:
             config = load_config(directory)
+        state_dict = load_file(str(directory / "model.safetensors"))
+        config.florence_config = checkpoint_florence_config(config.florence_config, directory, state_dict)
         policy = cls(config, **kwargs)
-        load_state_dict_strict(policy, load_file(str(directory / "model.safetensors")), reinit=config.checkpoint_reinit)
+        load_state_dict_strict(policy, state_dict, reinit=config.checkpoint_reinit)
         if config.init_domain_from is not None:
             policy.model.transformer.copy_domain(config.init_domain_from, config.domain_id)
             logger.info("domain %s initialised from pretrained domain %d", config.domain_id, config.init_domain_from)
@@ -590,11 +610,14 @@ class XVLAPolicy(PreTrainedPolicy):
 
 
 def load_config(directory: Path, **kwargs: Any) -> XVLAConfig:
-    """Config of a local checkpoint directory, in LeRobot's format or the original one."""
+    """Config of a local checkpoint directory, in LeRobot's format or the original one; its tokenizer_name
+    points at the tokenizer files the checkpoint carries, wherever the directory now is."""
     with open(directory / "config.json") as f:
         raw = json.load(f)
     if not is_original_config(raw):
-        return PreTrainedConfig.from_pretrained(directory, **kwargs)
+        config = PreTrainedConfig.from_pretrained(directory, **kwargs)
+        config.tokenizer_name = resolve_tokenizer_name(config.tokenizer_name, directory)
+        return config
     converted = original_config_to_lerobot(raw)
     if any((directory / name).exists() for name in TOKENIZER_FILES):  # the checkpoint ships its tokenizer
         converted["tokenizer_name"] = str(directory)
@@ -625,7 +648,8 @@ def load_for_inference(checkpoint: str | Path, device: str = "cpu", **config_ove
 
 
 def _checkpoint_directory(name_or_path: str | Path, **hub_kwargs: Any) -> Path:
-    """A local directory holding config.json and model.safetensors (downloaded from the Hub if needed)."""
+    """A local directory holding config.json, model.safetensors and, where the checkpoint has them, its
+    processor and tokenizer files (downloaded from the Hub if needed)."""
     if os.path.isdir(name_or_path):
         return Path(name_or_path)
     from huggingface_hub import snapshot_download
@@ -634,7 +658,15 @@ def _checkpoint_directory(name_or_path: str | Path, **hub_kwargs: Any) -> Path:
     return Path(
         snapshot_download(
             repo_id=str(name_or_path),
-            allow_patterns=["config.json", "model.safetensors", "*.json", "*.txt"],
+            allow_patterns=[
+                "config.json",
+                "model.safetensors",
+                "*.json",
+                "*.txt",
+                f"{POLICY_PREPROCESSOR_DEFAULT_NAME}*",
+                f"{POLICY_POSTPROCESSOR_DEFAULT_NAME}*",
+                f"{TOKENIZER_DIR}/*",
+            ],
             **hub_kwargs,
         )
     )

@@ -1,8 +1,12 @@
 """Pre- and post-processing pipelines of the X-VLA policy.
 
-Preprocessor: rename -> add batch dim -> tokenize the task -> images to [0, 1] -> ImageNet normalisation
--> domain id -> device -> state/action normalisation. Postprocessor: unnormalise -> CPU -> action guard
-(non-finite actions are refused, values are clamped to the range of the training actions).
+Preprocessor: rename -> add batch dim -> check the state -> tokenize the task -> images to [0, 1] -> ImageNet
+normalisation -> domain id -> device -> state/action normalisation. Postprocessor: unnormalise -> CPU -> action
+guard (values are clamped to the range of the training actions; non-finite actions are refused).
+
+Every input is checked before the device step, so value checks run on the CPU and never stall an accelerator:
+camera shapes, dtypes and ranges (`check_image`), the state's width and finiteness (`StateCheckStep`), and the
+dataset statistics (`refuse_non_finite_stats`).
 
 The X-VLA steps are registered under the names LeRobot's built-in X-VLA uses (`xvla_image_to_float`,
 `xvla_imagenet_normalize`, `xvla_add_domain_id`, see `registration.py`), with the same config keys, so
@@ -17,7 +21,9 @@ saved by LeRobot's built-in X-VLA, which have no resize step, still feed the net
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import logging
@@ -25,6 +31,7 @@ import logging
 import torch
 from lerobot.processor import (
     AddBatchDimensionProcessorStep,
+    DataProcessorPipeline,
     DeviceProcessorStep,
     EnvTransition,
     NormalizerProcessorStep,
@@ -37,7 +44,8 @@ from lerobot.processor import (
     UnnormalizerProcessorStep,
 )
 from lerobot.processor.converters import policy_action_to_transition, transition_to_policy_action
-from lerobot.utils.constants import ACTION, OBS_IMAGE, POLICY_POSTPROCESSOR_DEFAULT_NAME, POLICY_PREPROCESSOR_DEFAULT_NAME
+from lerobot.configs.types import FeatureType, PolicyFeature
+from lerobot.utils.constants import ACTION, OBS_IMAGE, OBS_STATE, POLICY_POSTPROCESSOR_DEFAULT_NAME, POLICY_PREPROCESSOR_DEFAULT_NAME
 
 from .configuration_xvla import XVLAConfig
 
@@ -67,15 +75,44 @@ def _image_keys(observation: dict[str, Any], image_keys: list[str] | None) -> li
     return [k for k in keys if isinstance(observation.get(k), torch.Tensor)]
 
 
-def _check_unit_range(key: str, image: torch.Tensor, what: str) -> None:
-    """Raise if a CPU image leaves [0, 1] (checking a GPU tensor would synchronise the host)."""
-    if image.device.type != "cpu" or image.numel() == 0:
+def check_image(key: str, image: torch.Tensor, step: str) -> None:
+    """Refuse a camera image that is not a batch of RGB images [B, 3, H, W] (or [B, T, 3, H, W]) of uint8 or
+    float values; float images must be finite and in [0, 1]. Values are checked only on the CPU (checking an
+    accelerator tensor would synchronise the host): the preprocessor runs these steps before its device step."""
+    shape = tuple(image.shape)
+    if image.ndim not in (4, 5) or shape[-3] != 3 or min(shape[-2:]) < 1:
+        hint = " (channel-last? permute to channel-first)" if image.ndim >= 3 and shape[-1] in (1, 3, 4) else ""
+        raise ValueError(f"camera '{key}' has shape {shape}{hint}; {step} expects RGB images [B, 3, H, W] with H, W >= 1")
+    if image.dtype != torch.uint8 and not image.is_floating_point():
+        raise ValueError(f"camera '{key}' has dtype {image.dtype}; {step} expects uint8 in [0, 255] or float in [0, 1]")
+    if image.dtype == torch.uint8 or image.device.type != "cpu":
         return
+    if not bool(torch.isfinite(image).all()):
+        raise ValueError(f"camera '{key}' holds NaN or inf pixels; {step} expects finite float images in [0, 1]")
     low, high = image.aminmax()
     if low < 0 or high > 1:
         raise ValueError(
-            f"image '{key}' has values in [{float(low):.4g}, {float(high):.4g}]; {what} expects float images in "
+            f"camera '{key}' has values in [{float(low):.4g}, {float(high):.4g}]; {step} expects float images in "
             "[0, 1] or uint8 images in [0, 255]"
+        )
+
+
+def refuse_non_finite_stats(stats: dict[str, dict[str, Any]] | None, features: dict[str, PolicyFeature], source: str) -> None:
+    """Refuse statistics of the state and action features that hold NaN or inf (a dataset with one NaN frame
+    has them): normalising with them, or clamping actions to them, would send NaN to the robot."""
+    problems = []
+    for key, feature in features.items():
+        if feature.type is FeatureType.VISUAL:  # images are not normalised by these statistics
+            continue
+        for name, value in (stats or {}).get(key, {}).items():
+            values = torch.as_tensor(value, dtype=torch.float64).flatten()
+            bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+            problems += [f"{key} {name}[{i}]={values[i].item()}" for i in bad]
+    if problems:
+        shown = ", ".join(problems[:12]) + (f", ... ({len(problems) - 12} more)" if len(problems) > 12 else "")
+        raise ValueError(
+            f"the {source} statistics hold non-finite values: {shown}. A frame with NaN or inf in the dataset "
+            "produces them; fix or drop those frames and recompute the dataset's stats"
         )
 
 
@@ -101,7 +138,8 @@ class _ObservationStep(ProcessorStep):
 class ImageToFloatStep(_ObservationStep):
     """Camera images to float32 in [0, 1]: uint8 is divided by 255, float must already be in [0, 1].
 
-    Registered as `xvla_image_to_float`; `validate_range` checks float images (on the CPU only).
+    Registered as `xvla_image_to_float`; `validate_range` checks shapes and dtypes, and float values on the CPU
+    (`check_image`).
     """
 
     image_keys: list[str] | None = None
@@ -110,11 +148,11 @@ class ImageToFloatStep(_ObservationStep):
     def process(self, observation):
         for key in _image_keys(observation, self.image_keys):
             image = observation[key]
+            if self.validate_range:
+                check_image(key, image, "xvla_image_to_float")
             if image.dtype == torch.uint8:
                 observation[key] = image.float() / 255.0
                 continue
-            if self.validate_range:
-                _check_unit_range(key, image, "xvla_image_to_float")
             observation[key] = image.float()
         return observation
 
@@ -131,13 +169,44 @@ class ImageNetNormalizeStep(_ObservationStep):
     def process(self, observation):
         for key in _image_keys(observation, self.image_keys):
             image = observation[key]
-            _check_unit_range(key, image, "xvla_imagenet_normalize")
+            check_image(key, image, "xvla_imagenet_normalize")
             mean, std = imagenet_stats(image)
             observation[key] = (image - mean) / std
         return observation
 
     def get_config(self) -> dict[str, Any]:
         return {"image_keys": self.image_keys}
+
+
+@dataclass
+class StateCheckStep(_ObservationStep):
+    """Refuse a robot state that is not [B, state_dim] (or [B, T, state_dim]) of finite values, before the
+    device step (so the value check never synchronises an accelerator). Registered as `xvla_check_state`.
+
+    A narrower state would be zero-padded to max_state_dim and a NaN would reach every action of the chunk;
+    both are errors here, named. state_dim None (no proprio) checks nothing.
+    """
+
+    state_dim: int | None = None
+
+    def process(self, observation):
+        if self.state_dim is None:
+            return observation
+        state = observation.get(OBS_STATE)
+        if state is None:
+            raise ValueError(f"the observation has no '{OBS_STATE}'; this policy expects {self.state_dim} state values")
+        if not isinstance(state, torch.Tensor) or state.ndim not in (2, 3) or state.shape[-1] != self.state_dim:
+            shape = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
+            raise ValueError(f"'{OBS_STATE}' has shape {shape}; this policy expects [B, {self.state_dim}] state values")
+        if not state.is_floating_point():
+            raise ValueError(f"'{OBS_STATE}' has dtype {state.dtype}; expected floating point")
+        if state.device.type == "cpu" and not bool(torch.isfinite(state).all()):
+            bad = (~torch.isfinite(state)).nonzero()[:, -1].unique().tolist()
+            raise ValueError(f"'{OBS_STATE}' holds NaN or inf at indices {bad}; refusing to act on it")
+        return observation
+
+    def get_config(self) -> dict[str, Any]:
+        return {"state_dim": self.state_dim}
 
 
 @dataclass
@@ -180,54 +249,64 @@ class AddDomainIdStep(ProcessorStep):
 
 @dataclass
 class ActionGuardStep(ProcessorStep):
-    """The last step before a robot or an env: refuse non-finite actions, clamp the rest into [low, high].
+    """The last step before a robot or an env: clamp actions into [low, high], then let through only finite
+    actions of the expected width.
 
     The bounds default to the minimum and maximum of the training actions, which a robot reached while
-    being recorded, so they lie inside its calibrated ranges. Runs on the CPU (after the postprocessor's
-    device step), so checking costs no accelerator synchronisation. Registered as `xvla_action_guard`.
+    being recorded, so they lie inside its calibrated ranges. Non-finite actions and non-finite bounds (statistics
+    of a dataset with a NaN action frame) are refused, so what leaves the guard is finite. Runs
+    on the CPU (after the postprocessor's device step), so checking costs no accelerator synchronisation.
+    Registered as `xvla_action_guard`; `action_dim` is the expected width (None: the bounds' width, if any).
     """
 
     low: list[float] | None = None
     high: list[float] | None = None
+    action_dim: int | None = None
 
     def __call__(self, transition: EnvTransition) -> EnvTransition:
         action = transition.get(TransitionKey.ACTION)
         if not isinstance(action, torch.Tensor):
             return transition
-        if not bool(torch.isfinite(action).all()):
-            raise ValueError("X-VLA predicted non-finite actions (NaN or inf); refusing to pass them to the robot")
-        if self.low is None or self.high is None:
-            return transition
-        if len(self.low) != action.shape[-1] or len(self.high) != action.shape[-1]:
-            raise ValueError(f"xvla_action_guard has bounds for {len(self.low)} values but the action has {action.shape[-1]}")
-        # Clamping to a NaN bound gives NaN: such bounds (a dataset with a NaN action frame) must stop the robot.
-        unbounded = [i for i, (low, high) in enumerate(zip(self.low, self.high, strict=True)) if not math.isfinite(low + high)]
-        if unbounded:
+        width = self.action_dim if self.action_dim is not None else (None if self.low is None else len(self.low))
+        if width is not None and (action.ndim == 0 or action.shape[-1] != width):
+            raise ValueError(f"xvla_action_guard expects actions of {width} values, got shape {tuple(action.shape)}")
+        if not bool(torch.isfinite(action).all()):  # an inf would otherwise be clamped onto a bound
+            channels = (~torch.isfinite(action)).reshape(-1, action.shape[-1]).any(0).nonzero().flatten().tolist()
             raise ValueError(
-                f"xvla_action_guard bounds are not finite for action channels {unbounded}: the action statistics "
-                "(min/max) of the training dataset hold NaN or inf; fix the dataset's frames or its stats"
+                f"X-VLA predicted non-finite actions (NaN or inf) in channels {channels}; refusing to pass them to the robot"
             )
-        low = torch.tensor(self.low, dtype=action.dtype, device=action.device)
-        high = torch.tensor(self.high, dtype=action.dtype, device=action.device)
-        clamped = torch.minimum(torch.maximum(action, low), high)
-        if not torch.equal(clamped, action):
+        guarded = action
+        if self.low is not None and self.high is not None:
+            if len(self.low) != action.shape[-1] or len(self.high) != action.shape[-1]:
+                raise ValueError(f"xvla_action_guard has bounds for {len(self.low)} values but the action has {action.shape[-1]}")
+            unbounded = [i for i, bounds in enumerate(zip(self.low, self.high, strict=True)) if not all(map(math.isfinite, bounds))]
+            if unbounded:
+                raise ValueError(
+                    f"xvla_action_guard bounds are not finite for action channels {unbounded}: the action statistics "
+                    "(min/max) of the training dataset hold NaN or inf; fix the dataset's frames or its stats"
+                )
+            low = torch.tensor(self.low, dtype=action.dtype, device=action.device)
+            high = torch.tensor(self.high, dtype=action.dtype, device=action.device)
+            guarded = torch.minimum(torch.maximum(action, low), high)
+        if guarded is not action and not torch.equal(guarded, action):
             logger.warning("X-VLA actions outside the range of the training actions were clamped into it")
         transition = transition.copy()
-        transition[TransitionKey.ACTION] = clamped
+        transition[TransitionKey.ACTION] = guarded
         return transition
 
     def transform_features(self, features):
         return features
 
     def get_config(self) -> dict[str, Any]:
-        return {"low": self.low, "high": self.high}
+        return {"low": self.low, "high": self.high, "action_dim": self.action_dim}
 
     @classmethod
-    def from_stats(cls, dataset_stats: dict[str, dict[str, Any]] | None) -> ActionGuardStep:
+    def from_stats(cls, dataset_stats: dict[str, dict[str, Any]] | None, action_dim: int | None = None) -> ActionGuardStep:
         stats = (dataset_stats or {}).get(ACTION, {})
         if "min" not in stats or "max" not in stats:
-            return cls()
-        return cls(low=torch.as_tensor(stats["min"]).flatten().tolist(), high=torch.as_tensor(stats["max"]).flatten().tolist())
+            return cls(action_dim=action_dim)
+        low, high = (torch.as_tensor(stats[k]).flatten().tolist() for k in ("min", "max"))
+        return cls(low=low, high=high, action_dim=action_dim)
 
 
 def reconcile_loaded_processors(
@@ -239,8 +318,13 @@ def reconcile_loaded_processors(
       checkpoint's (LeRobot's built-in X-VLA keeps the id only in its preprocessor).
     * The action guard takes its bounds from the unnormaliser's statistics when they have min/max, so
       fine-tuning on another dataset (lerobot-train overrides those statistics) moves the bounds with it; a
-      postprocessor without `xvla_action_guard` (files of LeRobot's built-in X-VLA, `lerobot/xvla-*`) gets one.
+      postprocessor without `xvla_action_guard` (files of LeRobot's built-in X-VLA, `lerobot/xvla-*`) gets one,
+      and a preprocessor without `xvla_check_state` gets one before its device step.
+    * Statistics of the state and action features that hold NaN or inf are refused, named.
+    * The preprocessor becomes an `XVLAPreprocessor`: saved again (fine-tuning), it takes its tokenizer along.
     """
+    if type(preprocessor) is DataProcessorPipeline:
+        preprocessor.__class__ = XVLAPreprocessor
     domain_step = next((s for s in preprocessor.steps if isinstance(s, AddDomainIdStep)), None)
     if domain_step is not None:
         if config.domain_id is None:
@@ -248,9 +332,18 @@ def reconcile_loaded_processors(
         domain_step.domain_id = config.domain_id
         domain_step.feature_key = config.domain_feature_key
         domain_step.num_domains = config.num_domains
+    normalizer = next((s for s in preprocessor.steps if isinstance(s, NormalizerProcessorStep)), None)
     unnormalizer = next((s for s in postprocessor.steps if isinstance(s, UnnormalizerProcessorStep)), None)
-    stats = getattr(unnormalizer, "_tensor_stats", None) or getattr(unnormalizer, "stats", None)
-    bounds = ActionGuardStep.from_stats(stats)
+    features = {**config.input_features, **config.output_features}
+    refuse_non_finite_stats(_stats_of(normalizer), features, "checkpoint's preprocessor")
+    refuse_non_finite_stats(_stats_of(unnormalizer), features, "checkpoint's postprocessor")
+    state_check = next((s for s in preprocessor.steps if isinstance(s, StateCheckStep)), None)
+    if state_check is None:  # processor files of LeRobot's built-in X-VLA, or saved before the step existed
+        state_check = StateCheckStep()
+        device = next((i for i, s in enumerate(preprocessor.steps) if isinstance(s, DeviceProcessorStep)), len(preprocessor.steps))
+        preprocessor.steps.insert(device, state_check)
+    state_check.state_dim = _state_dim(config)
+    bounds = ActionGuardStep.from_stats(_stats_of(unnormalizer), config.action_dim)
     guard = next((s for s in postprocessor.steps if isinstance(s, ActionGuardStep)), None)
     if guard is None:
         logger.warning(
@@ -258,8 +351,21 @@ def reconcile_loaded_processors(
             "" if bounds.low is None else ", actions are clamped to the training range",
         )
         postprocessor.steps.append(bounds)
-    elif bounds.low is not None:
-        guard.low, guard.high = bounds.low, bounds.high
+    else:
+        guard.action_dim = bounds.action_dim
+        if bounds.low is not None:
+            guard.low, guard.high = bounds.low, bounds.high
+
+
+def _stats_of(step: ProcessorStep | None) -> dict[str, dict[str, Any]] | None:
+    """The statistics a (un)normaliser step holds (LeRobot keeps them as tensors once loaded)."""
+    return getattr(step, "_tensor_stats", None) or getattr(step, "stats", None)
+
+
+def _state_dim(config: XVLAConfig) -> int | None:
+    """Width of the robot state the policy conditions on; None without proprio."""
+    state = config.robot_state_feature
+    return state.shape[-1] if config.use_proprio and state is not None else None
 
 
 # Registry names; the first three are shared with LeRobot's built-in X-VLA (see `registration.install`).
@@ -268,13 +374,69 @@ PROCESSOR_STEPS: dict[str, type[ProcessorStep]] = {
     "xvla_imagenet_normalize": ImageNetNormalizeStep,
     "xvla_add_domain_id": AddDomainIdStep,
     "xvla_action_guard": ActionGuardStep,
+    "xvla_check_state": StateCheckStep,
 }
+
+
+# A checkpoint's own copy of its tokenizer: the directory its preprocessor writes, named relative to the checkpoint.
+TOKENIZER_DIR = "tokenizer"
+
+
+def saved_tokenizer_name(name: str) -> str:
+    """The tokenizer name a checkpoint records: a local directory becomes the checkpoint's own copy
+    (`TOKENIZER_DIR`), so no path of the saving machine is written; a Hub id stays as it is."""
+    return TOKENIZER_DIR if os.path.isdir(name) else name
+
+
+def checkpoint_tokenizer(checkpoint: str | Path | None) -> Path | None:
+    """The tokenizer directory a local checkpoint carries, or None."""
+    directory = Path(checkpoint) / TOKENIZER_DIR if checkpoint else None
+    return directory if directory is not None and directory.is_dir() else None
+
+
+def resolve_tokenizer_name(name: str, checkpoint: str | Path | None) -> str:
+    """Where to load the tokenizer `name` of `checkpoint` from. A name as checkpoints record it (relative, or
+    a Hub id) loads the checkpoint's own copy when it has one, so a copied checkpoint loads on any machine,
+    offline; an absolute directory, given on purpose, is kept."""
+    own = checkpoint_tokenizer(checkpoint)
+    return str(own) if own is not None and not os.path.isabs(name) else name
+
+
+def checkpoint_tokenizer_overrides(
+    pretrained_path: str | Path | None, overrides: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Preprocessor overrides for loading a checkpoint's processor files with LeRobot: the tokenizer step loads
+    the checkpoint's own copy (its file names it relative to the checkpoint, which the step alone cannot
+    resolve). The caller's overrides of that step win."""
+    overrides = dict(overrides or {})
+    own = checkpoint_tokenizer(pretrained_path)
+    if own is not None:
+        key = TokenizerProcessorStep._registry_name
+        overrides[key] = {"tokenizer_name": str(own), **overrides.get(key, {})}
+    return overrides
+
+
+class XVLAPreprocessor(DataProcessorPipeline):
+    """The X-VLA preprocessor. Saving it also writes the tokenizer it uses into `TOKENIZER_DIR` beside its
+    JSON, which names that copy, so the checkpoint needs neither the original tokenizer files nor the Hub."""
+
+    def _save_pretrained(self, save_directory: Path, **kwargs: Any) -> None:
+        step = next((s for s in self.steps if isinstance(s, TokenizerProcessorStep)), None)
+        if step is None or step.tokenizer_name is None:  # no step, or a tokenizer object LeRobot does not save
+            super()._save_pretrained(save_directory, **kwargs)
+            return
+        step.input_tokenizer.save_pretrained(Path(save_directory) / TOKENIZER_DIR)
+        loaded_from, step.tokenizer_name = step.tokenizer_name, saved_tokenizer_name(step.tokenizer_name)
+        try:
+            super()._save_pretrained(save_directory, **kwargs)
+        finally:
+            step.tokenizer_name = loaded_from
 
 
 def _tokenizer_step(config: XVLAConfig) -> TokenizerProcessorStep:
     try:
         return TokenizerProcessorStep(
-            tokenizer_name=config.tokenizer_name,
+            tokenizer_name=resolve_tokenizer_name(config.tokenizer_name, config.pretrained_path),
             max_length=config.tokenizer_max_length,
             padding=config.pad_language_to,
             padding_side=config.tokenizer_padding_side,
@@ -295,9 +457,11 @@ def make_xvla_pre_post_processors(
 ]:
     """Build the X-VLA preprocessor and postprocessor for `config` (LeRobot's plugin contract)."""
     features = {**config.input_features, **config.output_features}
+    refuse_non_finite_stats(dataset_stats, features, "dataset")
     input_steps: list[ProcessorStep] = [
         RenameObservationsProcessorStep(rename_map={}),
         AddBatchDimensionProcessorStep(),
+        StateCheckStep(_state_dim(config)),
         _tokenizer_step(config),
         ImageToFloatStep(),
         ImageNetNormalizeStep(),
@@ -310,10 +474,10 @@ def make_xvla_pre_post_processors(
             features=config.output_features, norm_map=config.normalization_mapping, stats=dataset_stats
         ),
         DeviceProcessorStep(device="cpu"),
-        ActionGuardStep.from_stats(dataset_stats),
+        ActionGuardStep.from_stats(dataset_stats, config.action_dim),
     ]
     return (
-        PolicyProcessorPipeline[dict[str, Any], dict[str, Any]](steps=input_steps, name=POLICY_PREPROCESSOR_DEFAULT_NAME),
+        XVLAPreprocessor(steps=input_steps, name=POLICY_PREPROCESSOR_DEFAULT_NAME),
         PolicyProcessorPipeline[PolicyAction, PolicyAction](
             steps=output_steps,
             name=POLICY_POSTPROCESSOR_DEFAULT_NAME,

@@ -44,11 +44,17 @@ import lerobot.policies.factory as factory
 import lerobot.policies.utils as policy_utils
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.processor import ProcessorStepRegistry
+from lerobot.utils.constants import OBS_STATE
 
 from .compat import HAS_LEROBOT_ROLLOUT
 from .configuration_xvla import COMPILE_MODES, XVLAConfig
 from .env_adapters import env_adapter
-from .processor_xvla import PROCESSOR_STEPS, make_xvla_pre_post_processors, reconcile_loaded_processors
+from .processor_xvla import (
+    PROCESSOR_STEPS,
+    checkpoint_tokenizer_overrides,
+    make_xvla_pre_post_processors,
+    reconcile_loaded_processors,
+)
 
 BUILTIN_SWITCH = "LEROBOT_XVLA_BUILTIN"
 TYPE_NAME = "xvla"
@@ -87,9 +93,10 @@ def _resolve_type_name(ours):
 
 
 def _adapt_policy_to_inputs(original):
-    """make_policy: an env with an X-VLA adapter hands the policy the features the adapter produces, and a
-    dataset with fewer cameras than the checkpoint turns the missing ones into declared empty view slots
-    (`XVLAConfig.drop_cameras_missing_from`; the dataset's names are seen through `rename_map`)."""
+    """make_policy: an env with an X-VLA adapter hands the policy the features the adapter produces; a dataset
+    with fewer cameras than the checkpoint turns the missing ones into declared empty view slots
+    (`XVLAConfig.drop_cameras_missing_from`; the dataset's names are seen through `rename_map`), and its state
+    width replaces the checkpoint's (`XVLAConfig.adopt_dataset_state`)."""
 
     def wrapper(cfg, ds_meta=None, env_cfg=None, rename_map=None):
         if isinstance(cfg, XVLAConfig):
@@ -98,6 +105,7 @@ def _adapt_policy_to_inputs(original):
                 env_cfg = adapter.policy_env_config(env_cfg)
             if ds_meta is not None and cfg.input_features:
                 cfg.drop_cameras_missing_from({(rename_map or {}).get(k, k) for k in ds_meta.camera_keys})
+                cfg.adopt_dataset_state(ds_meta.features.get(OBS_STATE, {}).get("shape"))
         return original(cfg, ds_meta=ds_meta, env_cfg=env_cfg, rename_map=rename_map)
 
     return wrapper
@@ -119,14 +127,16 @@ def _camera_check_by_name(original):
 def _reconciled_processors(original):
     """make_pre_post_processors: new X-VLA processors come straight from ours (LeRobot's fallback for plugin
     policies turns every error, a tokenizer that cannot be found included, into "not implemented");
-    processors loaded from any X-VLA checkpoint agree with our config and end with the action guard
-    (`processor_xvla.reconcile_loaded_processors`)."""
+    processors loaded from any X-VLA checkpoint load the tokenizer the checkpoint carries, agree with our config
+    and end with the action guard (`processor_xvla.reconcile_loaded_processors`)."""
 
     def wrapper(policy_cfg, pretrained_path=None, **kwargs):
         if not isinstance(policy_cfg, XVLAConfig):
             return original(policy_cfg, pretrained_path, **kwargs)
         if not pretrained_path:
             return make_xvla_pre_post_processors(policy_cfg, dataset_stats=kwargs.get("dataset_stats"))
+        overrides = checkpoint_tokenizer_overrides(pretrained_path, kwargs.get("preprocessor_overrides"))
+        kwargs["preprocessor_overrides"] = overrides
         preprocessor, postprocessor = original(policy_cfg, pretrained_path, **kwargs)
         reconcile_loaded_processors(preprocessor, postprocessor, policy_cfg)
         return preprocessor, postprocessor

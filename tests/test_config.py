@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
+import subprocess
 
+import draccus
 import pytest
 import torch
+from draccus.utils import DecodingError
 from lerobot.configs.policies import PreTrainedConfig
+from lerobot.configs.train import TrainPipelineConfig
 from lerobot.configs.types import FeatureType, NormalizationMode, PolicyFeature
 from lerobot.policies.xvla.configuration_xvla import XVLAConfig as BuiltinConfig
 
 from lerobot_xvla import XVLAConfig, builtin_xvla
+from lerobot_xvla.configuration_xvla import XVLAConfigError
+from lerobot_xvla.demo import lerobot_command
 from lerobot_xvla.modeling_xvla import XVLAModel
+from lerobot_xvla.offline import TINY_FLORENCE_CONFIG
 
-from conftest import features, tiny_config, tiny_kwargs
+from conftest import LEROBOT_ENV, features, tiny_config, tiny_kwargs
 
 
 def test_defaults_match_the_pretrained_checkpoints():
@@ -110,19 +118,117 @@ def test_primary_camera_goes_first():
     assert config.camera_order == ["observation.images.cam2", "observation.images.cam0", "observation.images.cam1"]
 
 
+def florence(vision=None, text=None, **top):
+    """The tiny florence_config with some fields changed."""
+    changed = copy.deepcopy(TINY_FLORENCE_CONFIG)
+    changed["vision_config"].update(vision or {})
+    changed["text_config"].update(text or {})
+    return {**changed, **top}
+
+
+REGISTERED = "['agibot_ee6d', 'auto', 'ee6d', 'franka_joint7', 'joint', 'so101_bimanual']"
+
+
+# Every field with a constrained value, and what the message says (tiny config: 2 cameras of 64x64, 16 text
+# tokens, 30 actions, hidden 64 over 4 heads, 8 domains).
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"action_mode": "ee7d"}, "unknown action_mode 'ee7d'; registered modes: ['agibot_ee6d', 'auto', 'ee6d', 'franka_joint7', 'joint', 'so101_bimanual']"),
-        ({"domain_id": 8}, "domain_id must be in [0, num_domains=8), got 8"),
+        ({"n_obs_steps": 0}, "n_obs_steps must be an integer >= 1, got 0"),
+        ({"chunk_size": 0}, "chunk_size must be an integer >= 1, got 0"),
         ({"n_action_steps": 31}, "n_action_steps must be in 1..30, got 31"),
-        ({"dtype": "float16"}, "dtype must be 'float32' or 'bfloat16', got 'float16'"),
-        ({"depth": 0}, "depth (transformer blocks) must be > 0, got 0"),
+        ({"dtype": "float16"}, "dtype must be one of ['float32', 'bfloat16'], got 'float16'"),
+        ({"weights_dtype": "int8"}, "weights_dtype must be one of ['float32', 'bfloat16'], got 'int8'"),
+        ({"normalization_mapping": {"ACTIONS": NormalizationMode.MEAN_STD}}, "normalization_mapping must map feature types ['STATE', 'VISUAL', 'ENV', 'ACTION', 'REWARD', 'LANGUAGE'] to normalization modes"),
+        ({"florence_config": {"vision_config": {}}}, "florence_config needs a 'text_config' dict, got keys ['vision_config']"),
+        ({"florence_config": florence(vision={"num_heads": [3, 2, 2, 4]})}, "florence_config.vision_config.dim_embed [16, 32, 64, 128] must be divisible by florence_config.vision_config.num_heads [3, 2, 2, 4] stage by stage"),
+        ({"florence_config": florence(vision={"depths": [1, 1, 1]})}, "florence_config.vision_config.dim_embed must be a list with one value per DaViT stage (as depths), got [16, 32, 64, 128]"),
+        ({"florence_config": florence(text={"d_model": 32})}, "florence_config.vision_config.projection_dim=64 must equal florence_config.text_config.d_model=32"),
+        ({"florence_config": florence(text={"vocab_size": 0})}, "florence_config.text_config.vocab_size must be an integer >= 1, got 0"),
+        ({"florence_config": florence(vision={"image_pos_embed": {"type": "sine"}})}, "florence_config.vision_config.image_pos_embed.type must be 'learned_abs_2d'"),
+        ({"tokenizer_name": ""}, "tokenizer_name must name a tokenizer (Hub id or directory), got ''"),
+        ({"tokenizer_max_length": 0}, "tokenizer_max_length must be an integer >= 1, got 0"),
+        ({"tokenizer_padding_side": "middle"}, "tokenizer_padding_side must be one of ['right', 'left'], got 'middle'"),
+        ({"pad_language_to": "max"}, "pad_language_to must be one of ['longest', 'max_length', 'do_not_pad'], got 'max'"),
+        ({"hidden_size": 0}, "hidden_size must be an integer >= 1, got 0"),
+        ({"hidden_size": 66}, "hidden_size=66 must be divisible by num_heads=4"),
+        ({"depth": 0}, "depth must be an integer >= 1, got 0"),
+        ({"num_heads": 0}, "num_heads must be an integer >= 1, got 0"),
+        ({"mlp_ratio": 0.0}, "mlp_ratio must be a number > 0, got 0.0"),
+        ({"num_domains": -1}, "num_domains must be an integer >= 1, got -1"),
+        ({"len_soft_prompts": -1}, "len_soft_prompts must be an integer >= 0, got -1"),
+        ({"dim_time": 0}, "dim_time must be an integer >= 1, got 0"),
+        ({"max_len_seq": 0}, "max_len_seq must be an integer >= 1, got 0"),
+        ({"max_len_seq": 40}, "1 view(s) at 64x64, 16 text tokens and 30 actions make 51 tokens > max_len_seq=40"),
+        ({"action_mode": "ee7d"}, f"action_mode must be one of the registered modes {REGISTERED}, got 'ee7d'"),
+        ({"num_denoising_steps": 0}, "num_denoising_steps must be an integer >= 1, got 0"),
+        ({"max_state_dim": 0}, "max_state_dim must be an integer >= 1, got 0"),
+        ({"max_action_dim": 0}, "max_action_dim must be an integer >= 1, got 0"),
+        ({"domain_id": 8}, "domain_id must be in [0, num_domains=8), got 8"),
+        ({"domain_map": {"koch": -1}}, "domain_map['koch'] must be in [0, num_domains=8), got -1"),
+        ({"image_size": (0, 64)}, "image_size must be (height, width), two integers >= 1, got (0, 64)"),
+        ({"image_size": (64,)}, "image_size must be (height, width), two integers >= 1, got (64,)"),
+        ({"image_size": (4096, 4096)}, "4096x4096 images make a 128x128 DaViT patch grid; florence_config's image position table holds 1..50 rows and columns"),
+        ({"resize_imgs_with_padding": (64, 0)}, "resize_imgs_with_padding must be (height, width), two integers >= 1, got (64, 0)"),
+        ({"num_image_views": 0}, "num_image_views must be an integer >= 1 when set, got 0"),
+        ({"empty_cameras": -1}, "empty_cameras must be an integer >= 0, got -1"),
+        ({"compile_mode": "fast"}, "compile_mode must be one of ['default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'], got 'fast'"),
+        ({"chunk_blend_steps": -1}, "chunk_blend_steps must be an integer >= 0, got -1"),
+        ({"anchor_horizon_s": 1.0}, "anchor_horizon_s and anchor_fps go together: set both (time anchors) or neither"),
+        ({"anchor_horizon_s": 1.0, "anchor_fps": 0.0}, "anchor_horizon_s and anchor_fps must be > 0, got 1.0, 0.0"),
+        ({"init_domain_from": 2}, "init_domain_from=2 needs domain_id set to the new robot's (another) id"),
+        ({"log_loss_terms_every": -1}, "log_loss_terms_every must be an integer >= 0, got -1"),
+        ({"optimizer_lr": 0.0}, "optimizer_lr must be a number > 0, got 0.0"),
+        ({"optimizer_lr": float("nan")}, "optimizer_lr must be a number > 0, got nan"),
+        ({"optimizer_betas": (0.9, 1.0)}, "optimizer_betas must be two numbers in [0, 1), got (0.9, 1.0)"),
+        ({"optimizer_eps": -1e-8}, "optimizer_eps must be a number >= 0, got -1e-08"),
+        ({"optimizer_weight_decay": -0.1}, "optimizer_weight_decay must be a number >= 0, got -0.1"),
+        ({"optimizer_grad_clip_norm": -1.0}, "optimizer_grad_clip_norm must be a number >= 0, got -1.0"),
+        ({"learning_coef": -0.1}, "learning_coef must be a number >= 0, got -0.1"),
+        ({"optimizer_soft_prompt_lr_scale": -1.0}, "optimizer_soft_prompt_lr_scale must be a number >= 0, got -1.0"),
+        ({"optimizer_soft_prompt_warmup_lr_scale": -0.5}, "optimizer_soft_prompt_warmup_lr_scale must be a number >= 0, got -0.5"),
+        ({"freeze_steps": -1}, "freeze_steps must be an integer >= 0, got -1"),
+        ({"scheduler_warmup_steps": -1}, "scheduler_warmup_steps must be an integer >= 0, got -1"),
+        ({"lr_decay": "linear"}, "lr_decay must be one of ['constant', 'cosine'], got 'linear'"),
+        ({"scheduler_decay_steps": -1}, "scheduler_decay_steps must be an integer >= 0, got -1"),
+        ({"scheduler_decay_lr": -1e-5}, "scheduler_decay_lr must be a number >= 0, got -1e-05"),
     ],
 )
 def test_invalid_fields_are_refused(overrides, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(XVLAConfigError, match=re.escape(message)):
         tiny_config(**overrides)
+
+
+def test_the_builtin_defaults_are_valid():
+    """Every value LeRobot's built-in config defaults to parses (its empty florence_config aside, which the
+    built-in cannot build a policy from either)."""
+    builtin = BuiltinConfig(device="cpu")
+    values = {f.name: getattr(builtin, f.name) for f in dataclasses.fields(BuiltinConfig) if f.init and f.name != "florence_config"}
+    config = XVLAConfig(**values)
+    assert (config.chunk_size, config.tokenizer_max_length, config.max_state_dim) == (32, 64, 32)
+    assert config.optimizer_betas == (0.9, 0.99) and config.optimizer_grad_clip_norm == 10.0
+
+
+def test_draccus_shows_the_reason():
+    """LeRobot's parser builds the config with draccus, which hides the message of a ValueError."""
+    with pytest.raises(XVLAConfigError, match=re.escape("num_domains must be an integer >= 1, got -1")):
+        draccus.parse(XVLAConfig, args=["--device=cpu", "--num_domains=-1"])
+    with pytest.raises(DecodingError, match=re.escape("PreTrainedConfig: hidden_size=100 must be divisible by num_heads=16")):
+        draccus.parse(TrainPipelineConfig, args=["--policy.type=xvla", "--policy.hidden_size=100", "--dataset.repo_id=x"])
+
+
+@pytest.mark.parametrize(
+    "flag,message",
+    [
+        ("--policy.chunk_size=0", "chunk_size must be an integer >= 1, got 0"),
+        ("--policy.action_mode=ee7d", f"action_mode must be one of the registered modes {REGISTERED}, got 'ee7d'"),
+    ],
+)
+def test_config_errors_reach_the_command_line(tmp_path, flag, message):
+    command = [lerobot_command("lerobot-train"), "--policy.type=xvla", flag, "--dataset.repo_id=x", f"--output_dir={tmp_path / 'run'}"]
+    result = subprocess.run(command, capture_output=True, text=True, env=LEROBOT_ENV, timeout=600)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize(
@@ -135,12 +241,17 @@ def test_invalid_fields_are_refused(overrides, message):
         ({"action": 14, "action_mode": "so101_bimanual"}, "action_mode 'so101_bimanual' expects actions of width 12; modes that accept width 14: ['auto', 'joint']"),
         ({"action": 21, "action_mode": "auto"}, "action_mode 'auto' expects actions of width 1..max_action_dim=20"),
         ({"primary_camera": "observation.images.top"}, "primary_camera 'observation.images.top' is not an image feature"),
-        ({"views": 4, "image_size": (224, 224), "max_len_seq": 200}, "4 views at 224x224, 16 text tokens and 30 actions make 246 tokens"),
     ],
 )
 def test_features_that_do_not_fit_are_refused(kwargs, message):
     config = tiny_config(**kwargs)
     with pytest.raises(ValueError, match=re.escape(message)):
+        config.validate_features()
+
+
+def test_the_sequence_must_fit_every_view():
+    config = tiny_config(4, image_size=(224, 224), max_len_seq=200)  # one view fits, four do not
+    with pytest.raises(XVLAConfigError, match=re.escape("4 view(s) at 224x224, 16 text tokens and 30 actions make 246 tokens > max_len_seq=200")):
         config.validate_features()
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lerobot_xvla import XVLAPolicy
+from lerobot_xvla import XVLAConfigError, XVLAPolicy
 from lerobot_xvla.execution import ChunkExecutor, guidance_weights, interpolate
 
 from conftest import make_batch, randomize_, tiny_config
@@ -125,5 +125,5 @@ def test_predicted_proprio_feeds_back_the_last_command(weights, monkeypatch):
     actions = [policy.select_action(batch) for _ in range(7)]
     assert torch.equal(seen[0], batch["observation.state"])
     assert torch.equal(seen[1], actions[5])  # the 6th action, the last one executed before the second chunk
-    with pytest.raises(ValueError, match="needs IDENTITY STATE and ACTION normalization"):
+    with pytest.raises(XVLAConfigError, match="needs IDENTITY STATE and ACTION normalization"):
         tiny_config(action=12, action_mode="so101_bimanual", use_predicted_proprio=True)

@@ -116,3 +116,14 @@ def test_bad_input_names_the_field(policy, edit, message):
     edit(batch)
     with pytest.raises(ValueError, match=re.escape(message)):
         policy.predict_action_chunk(batch)
+
+
+def test_build_model_inputs_as_lerobots_own_xvla_test_calls_it(policy):
+    """LeRobot's X-VLA test calls `policy._build_model_inputs(preprocessed_batch)` and checks these shapes."""
+    batch = make_batch(policy.config, batch_size=1)
+    batch["observation.state"] = batch["observation.state"][:, :6]  # a narrower state is padded to max_state_dim
+    inputs = policy._build_model_inputs(batch)
+    shapes = {name: tuple(value.shape) for name, value in inputs.items()}
+    tokens = policy.config.tokenizer_max_length
+    assert shapes == {"input_ids": (1, tokens), "image_input": (1, 2, 3, 64, 64), "image_mask": (1, 2), "domain_id": (1,), "proprio": (1, 20)}
+    assert torch.equal(inputs["proprio"][:, :6], batch["observation.state"]) and not inputs["proprio"][:, 6:].any()

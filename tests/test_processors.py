@@ -14,7 +14,7 @@ from lerobot.policies.xvla.processor_xvla import make_xvla_pre_post_processors a
 from lerobot.processor import PolicyProcessorPipeline
 from lerobot.processor.converters import policy_action_to_transition, transition_to_policy_action
 
-from lerobot_xvla import XVLAPolicy, builtin_xvla
+from lerobot_xvla import XVLAConfigError, XVLAPolicy, builtin_xvla
 from lerobot_xvla.processor_xvla import (
     ActionGuardStep,
     AddDomainIdStep,
@@ -72,7 +72,7 @@ def test_dark_uint8_frames_are_still_divided():
 
 def test_float_images_outside_unit_range_are_refused():
     bad = {"observation.images.cam0": torch.full((1, 3, 4, 4), 200.0)}
-    with pytest.raises(ValueError, match=re.escape("image 'observation.images.cam0' has values in [200, 200]; xvla_image_to_float expects float images in [0, 1] or uint8 images in [0, 255]")):
+    with pytest.raises(ValueError, match=re.escape("camera 'observation.images.cam0' has values in [200, 200]; xvla_image_to_float expects float images in [0, 1] or uint8 images in [0, 255]")):
         ImageToFloatStep().process(bad)
     with pytest.raises(ValueError, match="xvla_imagenet_normalize expects"):
         ImageNetNormalizeStep().process({"observation.image": torch.full((1, 3, 4, 4), -0.5)})
@@ -122,7 +122,7 @@ def test_domain_map_resolves_the_robot_being_trained_or_recorded():
     assert config.domain_id == 4
     with pytest.raises(ValueError, match=re.escape("domain_map has no entry for robot type 'koch_follower' or dataset 'me/x'")):
         XVLAPolicy(config, dataset_meta=SimpleNamespace(robot_type="koch_follower", repo_id="me/x"))
-    with pytest.raises(ValueError, match=re.escape("domain_map['a'] must be in [0, num_domains=8), got 30")):
+    with pytest.raises(XVLAConfigError, match=re.escape("domain_map['a'] must be in [0, num_domains=8), got 30")):
         tiny_config(domain_map={"a": 30})
 
 
@@ -137,7 +137,7 @@ def test_action_guard_refuses_non_finite_and_clamps():
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="non-finite actions"):
             guard(torch.tensor([[0.0, bad]]))
-    with pytest.raises(ValueError, match="bounds for 2 values but the action has 3"):
+    with pytest.raises(ValueError, match=re.escape("xvla_action_guard expects actions of 2 values, got shape (1, 3)")):
         guard(torch.zeros(1, 3))
 
 

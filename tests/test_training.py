@@ -12,7 +12,7 @@ from lerobot.configs.default import PeftConfig
 from lerobot.configs.types import FeatureType, PolicyFeature
 from lerobot_xvla.compat import load_training_state, save_training_state
 
-from lerobot_xvla import XVLAConfig, XVLAPolicy
+from lerobot_xvla import XVLAConfig, XVLAConfigError, XVLAPolicy
 from lerobot_xvla.training import TwoStageSchedulerConfig, group_of, resample_anchors
 
 from conftest import make_batch, randomize_, tiny_config
@@ -120,7 +120,7 @@ def test_time_anchors_in_the_policy(monkeypatch):
     monkeypatch.setattr(policy.model, "forward", recording_forward)
     policy.forward(batch)
     assert torch.equal(seen["proprio"], first)  # the trajectory's first point, not observation.state
-    with pytest.raises(ValueError, match="anchor_horizon_s and anchor_fps go together"):
+    with pytest.raises(XVLAConfigError, match="anchor_horizon_s and anchor_fps go together"):
         tiny_config(anchor_horizon_s=1.0)
 
 
@@ -135,7 +135,7 @@ def test_a_new_domain_starts_from_a_pretrained_one(tmp_path):
         assert torch.equal(weight[6], old.get_submodule(table).weight[2]), table
         assert torch.equal(weight[3], old.get_submodule(table).weight[3]), table
     assert config.init_domain_from is None  # applied once; the saved config will not re-apply it
-    with pytest.raises(ValueError, match=re.escape("init_domain_from=2 needs domain_id set to the new robot's (another) id")):
+    with pytest.raises(XVLAConfigError, match=re.escape("init_domain_from=2 needs domain_id set to the new robot's (another) id")):
         tiny_config(init_domain_from=2)
 
 
