@@ -123,177 +123,173 @@ class XVLAConfig(PreTrainedConfig):
     naming the field and what it takes.
 
     The fields you most likely change are the ones that describe your robot: `action_mode`, `domain_id`,
-    `primary_camera`, `empty_cameras`, `image_size`. Everything under "Architecture" must match the
+    `primary_camera`, `empty_cameras`, `image_size`. The architecture fields must match the
     checkpoint you load; the defaults build X-VLA-0.9B (Florence-2-large + a 24 x 1024 transformer).
 
-    Input / output
-        n_obs_steps: observation frames per sample; X-VLA uses the last one only.
-        chunk_size: actions predicted per inference (the original `num_actions`, 30 for every checkpoint).
-            Changing it shifts the positional embeddings of every later token away from the pretrained ones.
-        n_action_steps: actions executed from each chunk before predicting the next one (<= chunk_size).
-        dtype: compute precision, "float32" or "bfloat16". With "bfloat16" the forward passes run under bf16
-            autocast while the weights (and AdamW's state) stay fp32 master copies.
-        weights_dtype: "float32" or "bfloat16" weights; bf16 weights halve memory for inference only (training
-            them is refused: use dtype="bfloat16" instead).
-        normalization_mapping: LeRobot normalisation per feature type; None picks the action mode's default
-            (IDENTITY for ee6d/agibot_ee6d/joint, as the checkpoints were trained on raw values; MEAN_STD for
-            the joint-space modes so101_bimanual, franka_joint7 and auto).
-
-    Vision-language backbone
-        florence_config: Florence-2 architecture, in the remote-code format of X-VLA `config.json` files.
-            Defaults to Florence-2-large; tests and demos pass tiny ones. Fields it leaves out take the defaults
-            of Microsoft's Florence-2 classes, as LeRobot 0.4.x and the original read them (transformers' for a
-            config in their format); saved checkpoints write every field (`florence.complete_florence_config`).
-        tokenizer_name: Hub id or local directory of a BART tokenizer (the checkpoints' own tokenizer or
-            facebook/bart-large, whose ids are the same for plain text). Saved checkpoints carry a copy of it in
-            their `tokenizer/` directory and record a local directory as "tokenizer" (relative to the checkpoint).
-        tokenizer_max_length: text tokens per sample (50 for every checkpoint).
-        tokenizer_padding_side / pad_language_to: padding of the text; pad tokens are attended, as in the original.
-
-    Architecture of the soft-prompted transformer
-        hidden_size, depth, num_heads, mlp_ratio: transformer size (1024, 24, 16, 4).
-        num_domains: rows of the per-domain tables (soft prompts and action heads).
-        len_soft_prompts: prompt tokens per domain.
-        dim_time: width of the sinusoidal flow-time embedding.
-        max_len_seq: length of the learned positional table (actions + image/text tokens, not the prompts).
-        use_hetero_proj: per-domain projections of the image/text features.
-
-    Actions and proprioception
-        action_mode: entry of the action-mode registry (`lerobot_xvla.action_modes`).
-        num_denoising_steps: steps of the re-noising sampler at inference.
-        use_proprio: condition on `observation.state`.
-        max_state_dim: width the state is zero-padded to (20 for every checkpoint); a wider state is an error.
-        max_action_dim: model action width of the `auto` mode.
-        domain_feature_key: key of a per-sample domain id in the batch (an `observation.*` dataset feature, so it
-            survives LeRobot's preprocessing); overrides `domain_id`.
-        domain_id: the embodiment's domain id (table in the README). None: the id stored in a loaded checkpoint's
-            preprocessor (where LeRobot's built-in X-VLA keeps it), else 0.
-        domain_map: robot type or dataset repo id -> domain id; when set, the policy takes `domain_id` from it
-            for the dataset it is trained on or records (robot type first). A robot missing from it is an error.
-
-    Cameras
-        primary_camera: the image feature that goes through the language encoder with the text (the
-            original `image0`, a fixed third-person view). Default: the first image feature.
-        image_size: (height, width) every camera is stretched to by the preprocessor; (224, 224) as trained.
-        resize_imgs_with_padding: LeRobot built-in field: letterbox to this size instead of stretching.
-        num_image_views: number of view slots; missing slots are zero images with a false mask.
-        empty_cameras: view slots that no camera feeds (the robot has fewer cameras than the checkpoint has
-            views); they come after the cameras, as zero views with a false mask. They are slots, not input
-            features: `observation.images.empty_camera_<i>` features in a config written by LeRobot's
-            built-in X-VLA are read as such slots, so robots and LeRobot's feature checks never expect them.
-
-    Time anchors (the original's action "anchors")
-        anchor_horizon_s: when set, targets are `chunk_size` points evenly spaced over this many seconds,
-            interpolated from the dataset's frames (the original trained 30 anchors over 1-5 s), and the proprio
-            is the trajectory's first point; None trains on consecutive frames.
-        anchor_fps: frame rate of the dataset the anchors are interpolated from (required with anchor_horizon_s).
-
-    Inference and execution (`execution.py`)
-        compile_model / compile_mode: torch.compile the sampler as two graphs, the observation encoding and
-            one denoising step; on a GPU "reduce-overhead" and "max-autotune" also capture CUDA graphs.
-        rtc_guidance: steer each new chunk towards the previous chunk's actions that were predicted for the
-            same steps and not executed yet (real-time chunking adapted to clean-action prediction).
-        chunk_blend_steps: cross-fade this many first actions of a new chunk with the previous chunk's.
-        use_predicted_proprio: after the first chunk, feed the last commanded action as proprio instead of
-            the measured state (the original LIBERO client); needs IDENTITY state/action normalisation.
-
-    Training
-        freeze_vision_encoder / freeze_language_encoder: freeze the DaViT tower / the BART encoder.
-        train_policy_transformer / train_soft_prompts: train the transformer / the soft prompts.
-        gradient_checkpointing: recompute transformer and encoder layers in the backward pass to save memory.
-        init_domain_from: when loading a pretrained checkpoint, copy this domain's soft prompts and action heads
-            into `domain_id` (a fresh id for a new robot, started from a similar pretrained one). Applied once:
-            the saved config no longer carries it.
-        checkpoint_reinit: parameter-name prefixes (under `model.`) that may differ from the loaded checkpoint;
-            they keep their fresh initialisation, and tables that only grew in the domain dimension keep the
-            pretrained rows. Example: ["transformer.action_encoder", "transformer.action_decoder"].
-        optimizer_*: AdamW settings (betas and clipping of the original recipe).
-        log_loss_terms_every: log the mean of every loss term over this many training steps (0: never);
-            lerobot-train's own log line shows the total loss only.
-        learning_coef: learning-rate factor of the VLM and the soft prompts.
-        optimizer_soft_prompt_lr_scale: further factor on the soft prompts (LeRobot built-in field).
-        optimizer_soft_prompt_warmup_lr_scale: LeRobot built-in field, accepted so its configs parse; unused.
-        freeze_steps: first steps in which only the soft prompts and the action heads train (prompt warm-up).
-        scheduler_warmup_steps: linear warm-up of the VLM and the core after the freeze phase.
-        lr_decay: "constant" (the original's default) or "cosine" from each group's rate to
-            scheduler_decay_lr / optimizer_lr of it over scheduler_decay_steps.
+    Fields come in groups, in this order: input/output, the vision-language backbone, the architecture of the
+    soft-prompted transformer (must match the checkpoint), actions and proprioception, cameras, inference and
+    execution (`execution.py`), time anchors (the original's action "anchors"), training. Each field is
+    documented by the comment above it, which is also its help in `lerobot-train --policy.type=xvla --help`.
     """
 
-    # Input / output
+    # Observation frames per sample; X-VLA uses the last one only.
     n_obs_steps: int = 1
+    # Actions predicted per inference (the original `num_actions`, 30 for every checkpoint). Changing it
+    # shifts the positional embeddings of every later token away from the pretrained ones.
     chunk_size: int = 30
+    # Actions executed from each chunk before predicting the next one (<= chunk_size).
     n_action_steps: int = 30
+    # Compute precision, "float32" or "bfloat16". With "bfloat16" the forward passes run under bf16 autocast
+    # while the weights (and AdamW's state) stay fp32 master copies.
     dtype: str = "float32"
+    # "float32" or "bfloat16" weights; bf16 weights halve memory for inference only (training them is
+    # refused: use dtype="bfloat16" instead).
     weights_dtype: str = plugin_only("float32")
+    # LeRobot normalisation per feature type; None picks the action mode's default (IDENTITY for ee6d,
+    # agibot_ee6d and joint, trained on raw values; MEAN_STD for franka_joint7, auto and so101_bimanual).
     normalization_mapping: dict[str, NormalizationMode] | None = None
 
-    # Vision-language backbone
+    # Florence-2 architecture, in the remote-code format of X-VLA `config.json` files. Defaults to
+    # Florence-2-large. Fields it leaves out take the defaults of Microsoft's Florence-2 classes, as LeRobot
+    # 0.4.x and the original read them (transformers' for a config in their format); saved checkpoints write
+    # every field (`florence.complete_florence_config`).
     florence_config: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(FLORENCE2_LARGE))
+    # Hub id or local directory of a BART tokenizer (the checkpoints' own, or facebook/bart-large, whose ids
+    # are the same for plain text). Saved checkpoints carry a copy in their `tokenizer/` directory and record
+    # a local directory as "tokenizer" (relative to the checkpoint).
     tokenizer_name: str = "facebook/bart-large"
+    # Text tokens per sample (50 for every checkpoint).
     tokenizer_max_length: int = 50
+    # Side the text is padded on; pad tokens are attended, as in the original.
     tokenizer_padding_side: str = "right"
+    # Padding strategy of the text ("max_length": every sample has tokenizer_max_length tokens).
     pad_language_to: str = "max_length"
+    # Instruction of observations that carry no task text (LeRobot's PushT and ALOHA envs send ""), so the
+    # policy hears what it was trained with; lerobot-train sets it to the dataset's task when the dataset has
+    # exactly one. None: an empty instruction is passed on, with a warning.
+    default_task: str | None = plugin_only(None)
 
-    # Architecture of the soft-prompted transformer
+    # Width of the transformer (1024 in X-VLA-0.9B).
     hidden_size: int = 1024
+    # Transformer blocks (24 in X-VLA-0.9B).
     depth: int = 24
+    # Attention heads per block; divides hidden_size.
     num_heads: int = 16
+    # Width of the blocks' MLP as a multiple of hidden_size.
     mlp_ratio: float = 4.0
+    # Rows of the per-domain tables (soft prompts and action heads): the embodiments the model knows.
     num_domains: int = 30
+    # Soft-prompt tokens per domain.
     len_soft_prompts: int = 32
+    # Width of the sinusoidal flow-time embedding.
     dim_time: int = 32
+    # Length of the learned positional table (actions + image/text tokens, not the prompts).
     max_len_seq: int = 512
+    # Per-domain projections of the image/text features.
     use_hetero_proj: bool = False
 
-    # Actions and proprioception
+    # Entry of the action-mode registry (`lerobot_xvla.action_modes`): how the model's actions map onto the
+    # robot's, and their loss.
     action_mode: str = "ee6d"
+    # Steps of the re-noising sampler at inference.
     num_denoising_steps: int = 10
+    # Condition on `observation.state`.
     use_proprio: bool = True
+    # Width the state is zero-padded to (20 for every checkpoint); a wider state is an error.
     max_state_dim: int = 20
+    # Model action width of the `auto` mode.
     max_action_dim: int = 20
+    # Key of a per-sample domain id in the batch (an `observation.*` dataset feature, so it survives
+    # LeRobot's preprocessing); overrides domain_id.
     domain_feature_key: str | None = None
+    # The embodiment's domain id (table in the README). None: the id stored in a loaded checkpoint's
+    # preprocessor (where LeRobot's built-in X-VLA keeps it), else 0.
     domain_id: int | None = plugin_only(None)
+    # Robot type or dataset repo id -> domain id; when set, domain_id comes from it for the dataset trained
+    # on or recorded (robot type first). A robot missing from it is an error.
     domain_map: dict[str, int] = plugin_only(default_factory=dict)
 
-    # Cameras
+    # The image feature that goes through the language encoder with the text (the original `image0`, a fixed
+    # third-person view). Default: the first image feature.
     primary_camera: str | None = plugin_only(None)
+    # (height, width) every camera is stretched to, in the policy (`XVLAPolicy._images`); (224, 224) as trained.
     image_size: tuple[int, int] = plugin_only((224, 224))
+    # LeRobot built-in field: letterbox to this (height, width) instead of stretching.
     resize_imgs_with_padding: tuple[int, int] | None = None
+    # Number of view slots; slots without a camera are zero images with a false mask.
     num_image_views: int | None = None
+    # View slots that no camera feeds (the robot has fewer cameras than the checkpoint has views), after the
+    # cameras, as zero views with a false mask. `observation.images.empty_camera_<i>` features in a config of
+    # LeRobot's built-in X-VLA are read as such slots.
     empty_cameras: int = 0
 
-    # Inference and execution
+    # torch.compile the sampler as two graphs: the observation encoding and one denoising step.
     compile_model: bool = plugin_only(False)
+    # torch.compile mode; on a GPU "reduce-overhead" and "max-autotune" also capture CUDA graphs.
     compile_mode: str = plugin_only("default")
+    # Steer each new chunk towards the previous chunk's actions that were predicted for the same steps and
+    # not executed yet (real-time chunking adapted to clean-action prediction).
     rtc_guidance: bool = plugin_only(False)
+    # Cross-fade this many first actions of a new chunk with the previous chunk's.
     chunk_blend_steps: int = plugin_only(0)
+    # After the first chunk, feed the last commanded action as proprio instead of the measured state (the
+    # original LIBERO client); needs IDENTITY state/action normalisation.
     use_predicted_proprio: bool = plugin_only(False)
 
-    # Time anchors
+    # When set, targets are chunk_size points evenly spaced over this many seconds, interpolated from the
+    # dataset's frames (the original trained 30 anchors over 1-5 s), and the proprio is the trajectory's first
+    # point; None trains on consecutive frames.
     anchor_horizon_s: float | None = plugin_only(None)
+    # Frame rate of the dataset the anchors are interpolated from (required with anchor_horizon_s).
     anchor_fps: float | None = plugin_only(None)
 
-    # Training
+    # Freeze the DaViT vision tower.
     freeze_vision_encoder: bool = False
+    # Freeze the BART language encoder.
     freeze_language_encoder: bool = False
+    # Train the soft-prompted transformer.
     train_policy_transformer: bool = True
+    # Train the soft prompts.
     train_soft_prompts: bool = True
+    # Recompute transformer and encoder layers in the backward pass to save memory.
     gradient_checkpointing: bool = plugin_only(False)
+    # When loading a pretrained checkpoint, copy this domain's soft prompts and action heads into domain_id
+    # (a fresh id for a new robot, started from a similar pretrained one). Applied once: the saved config no
+    # longer carries it.
     init_domain_from: int | None = plugin_only(None)
+    # Parameter-name prefixes (under `model.`) that may differ from the loaded checkpoint; they keep their
+    # fresh initialisation, and tables that only grew in the domain dimension keep the pretrained rows.
+    # Example: ["transformer.action_encoder", "transformer.action_decoder"].
     checkpoint_reinit: list[str] = plugin_only(default_factory=list)
+    # Log the mean of every loss term over this many training steps (0: never); lerobot-train's own log line
+    # shows the total loss only.
     log_loss_terms_every: int = plugin_only(200)
+    # AdamW learning rate of the action heads and the core.
     optimizer_lr: float = 1e-4
+    # AdamW betas (the original recipe's).
     optimizer_betas: tuple[float, float] = (0.9, 0.95)
+    # AdamW epsilon.
     optimizer_eps: float = 1e-8
+    # AdamW weight decay.
     optimizer_weight_decay: float = 0.0
+    # Gradient-norm clipping (the original recipe's).
     optimizer_grad_clip_norm: float = 1.0
+    # Learning-rate factor of the VLM and the soft prompts.
     learning_coef: float = plugin_only(0.1)
+    # Further learning-rate factor on the soft prompts (LeRobot built-in field).
     optimizer_soft_prompt_lr_scale: float = 1.0
+    # LeRobot built-in field, accepted so its configs parse; unused.
     optimizer_soft_prompt_warmup_lr_scale: float | None = None
+    # First steps in which only the soft prompts and the action heads train (prompt warm-up).
     freeze_steps: int = plugin_only(1000)
+    # Linear warm-up of the VLM and the core after the freeze phase.
     scheduler_warmup_steps: int = 2000
+    # "constant" (the original's default) or "cosine" from each group's rate to scheduler_decay_lr /
+    # optimizer_lr of it over scheduler_decay_steps.
     lr_decay: str = plugin_only("constant")
+    # Steps of the cosine decay.
     scheduler_decay_steps: int = 30_000
+    # Learning rate the cosine decay ends at (as a fraction: scheduler_decay_lr / optimizer_lr of each group's).
     scheduler_decay_lr: float = 1e-5
 
     def __post_init__(self) -> None:
@@ -347,6 +343,10 @@ class XVLAConfig(PreTrainedConfig):
         _require(
             bool(self.tokenizer_name),
             f"tokenizer_name must name a tokenizer (Hub id or directory), got {self.tokenizer_name!r}",
+        )
+        _require(
+            self.default_task is None or (isinstance(self.default_task, str) and self.default_task.strip() != ""),
+            f"default_task must be an instruction or None, got {self.default_task!r}",
         )
 
     def _check_architecture(self) -> None:
@@ -484,6 +484,13 @@ class XVLAConfig(PreTrainedConfig):
             return
         self.input_features[OBS_STATE] = PolicyFeature(type=FeatureType.STATE, shape=tuple(shape))
         logger.info("X-VLA state feature %s -> %s (the dataset's)", tuple(state.shape), tuple(shape))
+
+    def adopt_dataset_task(self, tasks: list[str]) -> None:
+        """Training on a dataset of one task: that task becomes `default_task` (unless set), kept in the
+        checkpoint for envs that send no instruction."""
+        if self.default_task is None and len(tasks) == 1:
+            self.default_task = tasks[0]
+            logger.info("X-VLA default_task %r (the dataset's only task)", self.default_task)
 
     def resolve_domain(self, robot_type: str | None, repo_id: str | None) -> None:
         """Take `domain_id` from `domain_map` for the dataset at hand (its robot type first, then its repo id)."""

@@ -1,7 +1,7 @@
 """Pre- and post-processing pipelines of the X-VLA policy.
 
-Preprocessor: rename -> add batch dim -> check the state -> tokenize the task -> images to [0, 1] -> ImageNet
-normalisation -> domain id -> device -> state/action normalisation. Postprocessor: unnormalise -> CPU -> action
+Preprocessor: rename -> add batch dim -> check the state -> default task -> tokenize the task -> images to
+[0, 1] -> ImageNet normalisation -> domain id -> device -> state/action normalisation. Postprocessor: unnormalise -> CPU -> action
 guard (values are clamped to the range of the training actions; non-finite actions are refused).
 
 Every input is checked before the device step, so value checks run on the CPU and never stall an accelerator:
@@ -210,6 +210,47 @@ class StateCheckStep(_ObservationStep):
 
 
 @dataclass
+class DefaultTaskStep(ProcessorStep):
+    """Give samples without task text (None or "") the instruction the policy was trained with, before the
+    tokenizer: LeRobot's PushT and ALOHA envs send "", and a VLA conditioned on an empty instruction acts on
+    something it never saw. Logs the substitution once; without a `task` it warns once and passes "" on.
+    Registered as `xvla_default_task`."""
+
+    task: str | None = None
+
+    def __post_init__(self) -> None:
+        self._logged = False
+
+    def __call__(self, transition: EnvTransition) -> EnvTransition:
+        complementary = dict(transition.get(TransitionKey.COMPLEMENTARY_DATA) or {})
+        texts = complementary.get("task")
+        single = texts is None or isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        if all(texts):
+            return transition
+        if self.task is None:
+            self._log_once(logging.WARNING, "X-VLA got an empty instruction and has no default_task: it acts on an empty instruction")
+            return transition
+        self._log_once(logging.INFO, f"X-VLA: no task text in the observation; using the instruction it was trained with, {self.task!r} (policy.default_task)")
+        filled = [text or self.task for text in texts]
+        complementary["task"] = filled[0] if single else filled
+        transition = transition.copy()
+        transition[TransitionKey.COMPLEMENTARY_DATA] = complementary
+        return transition
+
+    def _log_once(self, level: int, message: str) -> None:
+        if not self._logged:
+            logger.log(level, message)
+            self._logged = True
+
+    def transform_features(self, features):
+        return features
+
+    def get_config(self) -> dict[str, Any]:
+        return {"task": self.task}
+
+
+@dataclass
 class AddDomainIdStep(ProcessorStep):
     """Put the embodiment's `domain_id` [B] (long) in the complementary data. Registered as `xvla_add_domain_id`.
 
@@ -319,7 +360,8 @@ def reconcile_loaded_processors(
     * The action guard takes its bounds from the unnormaliser's statistics when they have min/max, so
       fine-tuning on another dataset (lerobot-train overrides those statistics) moves the bounds with it; a
       postprocessor without `xvla_action_guard` (files of LeRobot's built-in X-VLA, `lerobot/xvla-*`) gets one,
-      and a preprocessor without `xvla_check_state` gets one before its device step.
+      and a preprocessor without `xvla_check_state` or `xvla_default_task` gets them (before its device step,
+      before its tokenizer); the default task is the config's.
     * Statistics of the state and action features that hold NaN or inf are refused, named.
     * The preprocessor becomes an `XVLAPreprocessor`: saved again (fine-tuning), it takes its tokenizer along.
     """
@@ -343,6 +385,12 @@ def reconcile_loaded_processors(
         device = next((i for i, s in enumerate(preprocessor.steps) if isinstance(s, DeviceProcessorStep)), len(preprocessor.steps))
         preprocessor.steps.insert(device, state_check)
     state_check.state_dim = _state_dim(config)
+    default_task = next((s for s in preprocessor.steps if isinstance(s, DefaultTaskStep)), None)
+    if default_task is None:
+        default_task = DefaultTaskStep()
+        tokenizer = next((i for i, s in enumerate(preprocessor.steps) if isinstance(s, TokenizerProcessorStep)), 0)
+        preprocessor.steps.insert(tokenizer, default_task)
+    default_task.task = config.default_task
     bounds = ActionGuardStep.from_stats(_stats_of(unnormalizer), config.action_dim)
     guard = next((s for s in postprocessor.steps if isinstance(s, ActionGuardStep)), None)
     if guard is None:
@@ -375,6 +423,7 @@ PROCESSOR_STEPS: dict[str, type[ProcessorStep]] = {
     "xvla_add_domain_id": AddDomainIdStep,
     "xvla_action_guard": ActionGuardStep,
     "xvla_check_state": StateCheckStep,
+    "xvla_default_task": DefaultTaskStep,
 }
 
 
@@ -462,6 +511,7 @@ def make_xvla_pre_post_processors(
         RenameObservationsProcessorStep(rename_map={}),
         AddBatchDimensionProcessorStep(),
         StateCheckStep(_state_dim(config)),
+        DefaultTaskStep(config.default_task),
         _tokenizer_step(config),
         ImageToFloatStep(),
         ImageNetNormalizeStep(),

@@ -95,8 +95,9 @@ def _resolve_type_name(ours):
 def _adapt_policy_to_inputs(original):
     """make_policy: an env with an X-VLA adapter hands the policy the features the adapter produces; a dataset
     with fewer cameras than the checkpoint turns the missing ones into declared empty view slots
-    (`XVLAConfig.drop_cameras_missing_from`; the dataset's names are seen through `rename_map`), and its state
-    width replaces the checkpoint's (`XVLAConfig.adopt_dataset_state`)."""
+    (`XVLAConfig.drop_cameras_missing_from`; the dataset's names are seen through `rename_map`), its state
+    width replaces the checkpoint's (`XVLAConfig.adopt_dataset_state`), and its only task becomes the
+    instruction for envs that send none (`XVLAConfig.adopt_dataset_task`)."""
 
     def wrapper(cfg, ds_meta=None, env_cfg=None, rename_map=None):
         if isinstance(cfg, XVLAConfig):
@@ -106,6 +107,8 @@ def _adapt_policy_to_inputs(original):
             if ds_meta is not None and cfg.input_features:
                 cfg.drop_cameras_missing_from({(rename_map or {}).get(k, k) for k in ds_meta.camera_keys})
                 cfg.adopt_dataset_state(ds_meta.features.get(OBS_STATE, {}).get("shape"))
+            if ds_meta is not None and getattr(ds_meta, "tasks", None) is not None:
+                cfg.adopt_dataset_task(list(ds_meta.tasks.index))
         return original(cfg, ds_meta=ds_meta, env_cfg=env_cfg, rename_map=rename_map)
 
     return wrapper

@@ -22,7 +22,7 @@ from lerobot_xvla.checkpoints import (
     to_vendored,
 )
 from lerobot_xvla.compat import SAVED_LAYOUT
-from lerobot_xvla.cli import main as cli_main
+from lerobot_xvla_cli import main as cli_main
 from lerobot_xvla.offline import TINY_FLORENCE_CONFIG, build_word_tokenizer
 
 from conftest import make_batch, randomize_, tiny_config, tiny_kwargs

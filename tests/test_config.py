@@ -148,6 +148,7 @@ REGISTERED = "['agibot_ee6d', 'auto', 'ee6d', 'franka_joint7', 'joint', 'so101_b
         ({"florence_config": florence(vision={"image_pos_embed": {"type": "sine"}})}, "florence_config.vision_config.image_pos_embed.type must be 'learned_abs_2d'"),
         ({"tokenizer_name": ""}, "tokenizer_name must name a tokenizer (Hub id or directory), got ''"),
         ({"tokenizer_max_length": 0}, "tokenizer_max_length must be an integer >= 1, got 0"),
+        ({"default_task": " "}, "default_task must be an instruction or None, got ' '"),
         ({"tokenizer_padding_side": "middle"}, "tokenizer_padding_side must be one of ['right', 'left'], got 'middle'"),
         ({"pad_language_to": "max"}, "pad_language_to must be one of ['longest', 'max_length', 'do_not_pad'], got 'max'"),
         ({"hidden_size": 0}, "hidden_size must be an integer >= 1, got 0"),
@@ -260,3 +261,28 @@ def test_image_features_must_be_rgb_chw():
     config.input_features["observation.images.cam0"] = PolicyFeature(FeatureType.VISUAL, (64, 64, 3))
     with pytest.raises(ValueError, match=re.escape("image feature 'observation.images.cam0' has shape (64, 64, 3); expected [3, H, W] (RGB)")):
         config.validate_features()
+
+
+def test_every_field_has_its_own_help():
+    """draccus shows the comment above a field (or inline) as its help: each of ours documents itself, and
+    no help is shared with another field (a section heading would be)."""
+    from draccus.wrappers.docstring import get_attribute_docstring, get_preferred_help_text
+
+    ours = [f.name for f in dataclasses.fields(XVLAConfig) if f.name in XVLAConfig.__dict__.get("__annotations__", {})]
+    helps = {name: get_preferred_help_text(get_attribute_docstring(XVLAConfig, name)) for name in ours}
+    assert len(ours) > 60 and not [name for name, text in helps.items() if not text]
+    assert len(set(helps.values())) == len(helps)
+
+
+def test_lerobot_train_help_documents_each_field():
+    result = subprocess.run(
+        [lerobot_command("lerobot-train"), "--policy.type=xvla", "--help"], capture_output=True, text=True, env=LEROBOT_ENV, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = " ".join(result.stdout.split())  # argparse wraps the help lines
+    for flag, help_text in (
+        ("hidden_size", "Width of the transformer (1024 in X-VLA-0.9B). (default: 1024)"),
+        ("compile_model", "torch.compile the sampler as two graphs: the observation encoding and one denoising step. (default: False)"),
+        ("freeze_vision_encoder", "Freeze the DaViT vision tower. (default: False)"),
+    ):
+        assert f"--policy.{flag} {'int' if flag == 'hidden_size' else 'bool'} {help_text}" in text

@@ -19,7 +19,7 @@ from lerobot.processor import DataProcessorPipeline, NormalizerProcessorStep, Un
 
 from lerobot_xvla import XVLAConfig, XVLAPolicy
 from lerobot_xvla.checkpoints import CheckpointMismatchError
-from lerobot_xvla.cli import main as cli_main
+from lerobot_xvla_cli import main as cli_main
 from lerobot_xvla.demo import lerobot_command
 from lerobot_xvla.modeling_xvla import load_for_inference
 from lerobot_xvla.offline import TINY_ARCHITECTURE, build_word_tokenizer

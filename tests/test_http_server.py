@@ -29,7 +29,7 @@ import requests
 import torch
 
 from lerobot_xvla import XVLAPolicy, http_server
-from lerobot_xvla.cli import build_parser
+from lerobot_xvla_cli import build_parser
 from lerobot_xvla.http_server import XVLAServer, XVLAService
 from lerobot_xvla.processor_xvla import make_xvla_pre_post_processors
 

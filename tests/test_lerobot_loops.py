@@ -14,7 +14,7 @@ from lerobot.configs.types import FeatureType, PolicyFeature
 from safetensors.torch import load_file
 
 from lerobot_xvla import XVLAConfig, XVLAPolicy
-from lerobot_xvla.demo import DEMO_CONFIG, lerobot_command, write_pusht_dataset
+from lerobot_xvla.demo import DEMO_CONFIG, PUSHT_TASK, lerobot_command, write_pusht_dataset
 from lerobot_xvla.offline import TINY_ARCHITECTURE
 from lerobot_xvla.processor_xvla import make_xvla_pre_post_processors
 
@@ -54,6 +54,7 @@ def test_train_uses_the_plugin_logs_loss_terms_and_checkpoints(trained):
     model = out / "checkpoints" / "000004" / "pretrained_model"
     config = json.loads((model / "config.json").read_text())
     assert config["type"] == "xvla" and config["action_mode"] == "auto"
+    assert config["default_task"] == PUSHT_TASK  # the dataset's only task, for envs that send none
     steps = [s["registry_name"] for s in json.loads((model / "policy_postprocessor.json").read_text())["steps"]]
     assert steps[-1] == "xvla_action_guard"
 
@@ -154,8 +155,9 @@ def test_ddp_with_two_cpu_processes(dataset, tokenizer_dir, tmp_path):
 
 
 def test_eval_pusht_writes_metrics_and_videos(trained, tmp_path):
+    """PushT sends an empty instruction: the policy is given the one it was trained with, and says so."""
     out, _ = trained
-    lerobot(
+    log = lerobot(
         "lerobot-eval",
         f"--policy.path={out / 'checkpoints' / '000004' / 'pretrained_model'}",
         "--env.type=pusht",
@@ -168,6 +170,7 @@ def test_eval_pusht_writes_metrics_and_videos(trained, tmp_path):
     metrics = json.loads((tmp_path / "eval_info.json").read_text())["overall"]
     assert metrics["n_episodes"] == 1 and "avg_sum_reward" in metrics
     assert list(tmp_path.glob("videos/**/*.mp4"))
+    assert f"using the instruction it was trained with, {PUSHT_TASK!r} (policy.default_task)" in log
 
 
 def test_eval_aloha_with_14_joints(tmp_path, tokenizer_dir):

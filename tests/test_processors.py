@@ -207,3 +207,24 @@ def test_builtin_checkpoints_get_the_action_guard_too(tmp_path, tokenizer_dir):
     assert post(torch.full((1, 20), 7.0)).tolist() == [[1.0] * 20]
     with pytest.raises(ValueError, match="non-finite actions"):
         post(torch.full((1, 20), float("nan")))
+
+
+def test_observations_without_task_text_get_the_trained_instruction(tokenizer_dir, caplog):
+    """lerobot-eval sends "" for envs without a task (PushT, ALOHA): the tokens must be those of default_task."""
+    trained = "push the block"
+    config = tiny_config(tokenizer_name=tokenizer_dir, default_task=trained)
+    pre, _ = make_xvla_pre_post_processors(config, dataset_stats=STATS)
+    expected = pre({**observation(), "task": trained})["observation.language.tokens"]
+    with caplog.at_level("INFO", logger="lerobot_xvla"):
+        for missing in ("", None, [""]):
+            assert torch.equal(pre({**observation(), "task": missing})["observation.language.tokens"], expected)
+    assert caplog.text.count(f"using the instruction it was trained with, {trained!r}") == 1  # logged once
+    other = pre({**observation(), "task": "open the drawer"})["observation.language.tokens"]
+    assert not torch.equal(other, expected)  # a given instruction is kept
+
+
+def test_without_a_default_task_an_empty_instruction_is_warned_about(tokenizer_dir, caplog):
+    pre, _ = make_xvla_pre_post_processors(tiny_config(tokenizer_name=tokenizer_dir), dataset_stats=STATS)
+    with caplog.at_level("WARNING", logger="lerobot_xvla"):
+        pre({**observation(), "task": ""})
+    assert "X-VLA got an empty instruction and has no default_task" in caplog.text

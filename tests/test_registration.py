@@ -93,11 +93,11 @@ def test_switch_keeps_the_builtin():
 
 
 def test_info_command_reports_the_active_implementation():
-    out = run_python("from lerobot_xvla.cli import main; main(['info'])")
+    out = run_python("from lerobot_xvla_cli import main; main(['info'])")
     assert "--policy.type=xvla -> lerobot_xvla" in out
     assert "plugins LeRobot's discovery imported: lerobot_policy_xvla" in out and "ERROR" not in out
     assert "policy:     lerobot_xvla.modeling_xvla.XVLAPolicy" in out
-    out = run_python("from lerobot_xvla.cli import main; main(['info'])", LEROBOT_XVLA_BUILTIN="1")
+    out = run_python("from lerobot_xvla_cli import main; main(['info'])", LEROBOT_XVLA_BUILTIN="1")
     assert "--policy.type=xvla -> LeRobot built-in" in out
 
 
@@ -125,3 +125,23 @@ def test_info_reports_a_plugin_that_fails_to_import(tmp_path):
     assert result.returncode == 1
     assert f"ERROR: {PLUGIN_IMPORT_ERROR}: lerobot_policy_xvla: ImportError('broken install')" in result.stdout
     assert "plugins LeRobot's discovery imported: none" in result.stdout
+
+
+@pytest.mark.parametrize("command", [[], ["info"], ["convert"], ["serve"]], ids=["top", "info", "convert", "serve"])
+def test_cli_help_imports_neither_torch_nor_lerobot(command):
+    """`lerobot-xvla ... --help` parses its arguments before importing the package (which imports torch and
+    LeRobot), so help answers at once; every option shows its default."""
+    code = (
+        "import contextlib, io, sys, lerobot_xvla_cli\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        f"    lerobot_xvla_cli.main({[*command, '--help']!r})\n"
+        "print(sorted(m for m in ('torch', 'lerobot', 'lerobot_xvla', 'transformers') if m in sys.modules))\n"
+        "print(out.getvalue())"
+    )
+    loaded, help_text = run_python(code).split("\n", 1)
+    assert loaded == "[]"
+    entries = re.split(r"\n  (?=--)", help_text)[1:]  # one per option, from its flag to the next one
+    assert bool(entries) == (command in (["convert"], ["serve"]))
+    for entry in entries:
+        assert "(default: " in " ".join(entry.split()), entry
