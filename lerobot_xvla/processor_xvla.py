@@ -379,18 +379,9 @@ def reconcile_loaded_processors(
     features = {**config.input_features, **config.output_features}
     refuse_non_finite_stats(_stats_of(normalizer), features, "checkpoint's preprocessor")
     refuse_non_finite_stats(_stats_of(unnormalizer), features, "checkpoint's postprocessor")
-    state_check = next((s for s in preprocessor.steps if isinstance(s, StateCheckStep)), None)
-    if state_check is None:  # processor files of LeRobot's built-in X-VLA, or saved before the step existed
-        state_check = StateCheckStep()
-        device = next((i for i, s in enumerate(preprocessor.steps) if isinstance(s, DeviceProcessorStep)), len(preprocessor.steps))
-        preprocessor.steps.insert(device, state_check)
-    state_check.state_dim = _state_dim(config)
-    default_task = next((s for s in preprocessor.steps if isinstance(s, DefaultTaskStep)), None)
-    if default_task is None:
-        default_task = DefaultTaskStep()
-        tokenizer = next((i for i, s in enumerate(preprocessor.steps) if isinstance(s, TokenizerProcessorStep)), 0)
-        preprocessor.steps.insert(tokenizer, default_task)
-    default_task.task = config.default_task
+    # Processor files of LeRobot's built-in X-VLA, or saved before these steps existed, lack them.
+    _ensure_step(preprocessor, StateCheckStep, before=DeviceProcessorStep).state_dim = _state_dim(config)
+    _ensure_step(preprocessor, DefaultTaskStep, before=TokenizerProcessorStep).task = config.default_task
     bounds = ActionGuardStep.from_stats(_stats_of(unnormalizer), config.action_dim)
     guard = next((s for s in postprocessor.steps if isinstance(s, ActionGuardStep)), None)
     if guard is None:
@@ -403,6 +394,16 @@ def reconcile_loaded_processors(
         guard.action_dim = bounds.action_dim
         if bounds.low is not None:
             guard.low, guard.high = bounds.low, bounds.high
+
+
+def _ensure_step(pipeline: PolicyProcessorPipeline, step_type: type[ProcessorStep], before: type[ProcessorStep]) -> ProcessorStep:
+    """The pipeline's `step_type` step; a fresh one is inserted before its `before` step (or at the end) if absent."""
+    step = next((s for s in pipeline.steps if isinstance(s, step_type)), None)
+    if step is None:
+        step = step_type()
+        index = next((i for i, s in enumerate(pipeline.steps) if isinstance(s, before)), len(pipeline.steps))
+        pipeline.steps.insert(index, step)
+    return step
 
 
 def _stats_of(step: ProcessorStep | None) -> dict[str, dict[str, Any]] | None:
