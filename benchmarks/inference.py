@@ -27,36 +27,57 @@ import torch
 from common import full_size_kwargs, random_batch
 
 
-def make_policies(device: str, compile_modes: list[str]):
+def make_builtin(device: str, **overrides):
+    """LeRobot's built-in X-VLA-0.9B with the benchmark's random weights (seed 0), fp32."""
     from lerobot.policies.xvla.configuration_xvla import XVLAConfig as BuiltinConfig
     from lerobot.policies.xvla.modeling_xvla import XVLAPolicy as BuiltinPolicy
 
     import lerobot_xvla
-    from lerobot_xvla import XVLAConfig, XVLAPolicy
-    from lerobot_xvla.checkpoints import load_state_dict_strict
 
-    common = full_size_kwargs(device)
     with lerobot_xvla.builtin_xvla():
-        builtin = BuiltinPolicy(BuiltinConfig(**common))
+        builtin = BuiltinPolicy(BuiltinConfig(**full_size_kwargs(device), **overrides))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # the built-in leaves its image projection uninitialised (NaN): fill everything
         for name, param in builtin.named_parameters():
             norm = name.endswith("weight") and param.ndim == 1
             param.copy_((1.0 if norm else 0.0) + torch.randn(param.shape, generator=generator) * 0.02)
-    policies = {"builtin fp32": builtin.to(device).eval()}
+    return builtin.to(device).eval()
+
+
+def make_ours(builtin, device: str, **overrides):
+    """Our X-VLA-0.9B with the built-in's weights (through the checkpoint converter)."""
+    from lerobot_xvla import XVLAConfig, XVLAPolicy
+    from lerobot_xvla.checkpoints import load_state_dict_strict
+
+    ours = XVLAPolicy(XVLAConfig(**full_size_kwargs(device), **overrides))
+    load_state_dict_strict(ours, builtin.state_dict())
+    ours._apply_weights_dtype()
+    return ours.to(device).eval()
+
+
+def make_builtin_bf16(builtin, device: str):
+    """The built-in with dtype=bfloat16 (every weight cast to bf16) and `builtin`'s weights."""
+    from lerobot.policies.xvla.configuration_xvla import XVLAConfig as BuiltinConfig
+    from lerobot.policies.xvla.modeling_xvla import XVLAPolicy as BuiltinPolicy
+
+    import lerobot_xvla
+
+    with lerobot_xvla.builtin_xvla():
+        builtin_bf16 = BuiltinPolicy(BuiltinConfig(**full_size_kwargs(device), dtype="bfloat16"))
+    builtin_bf16.load_state_dict(builtin.state_dict())
+    builtin_bf16.model.to(torch.bfloat16)
+    return builtin_bf16.to(device).eval()
+
+
+def make_policies(device: str, compile_modes: list[str]):
+    builtin = make_builtin(device)
+    policies = {"builtin fp32": builtin}
     variants = {"ours fp32": {}, "ours bf16": {"weights_dtype": "bfloat16"}}
     for mode in compile_modes:
         variants[f"ours bf16 compiled ({mode})"] = {"weights_dtype": "bfloat16", "compile_model": True, "compile_mode": mode}
     for name, overrides in variants.items():
-        ours = XVLAPolicy(XVLAConfig(**common, **overrides))
-        load_state_dict_strict(ours, builtin.state_dict())
-        ours._apply_weights_dtype()
-        policies[name] = ours.to(device).eval()
-    with lerobot_xvla.builtin_xvla():
-        builtin_bf16 = BuiltinPolicy(BuiltinConfig(**common, dtype="bfloat16"))
-    builtin_bf16.load_state_dict(builtin.state_dict())
-    builtin_bf16.model.to(torch.bfloat16)
-    policies["builtin bf16"] = builtin_bf16.to(device).eval()
+        policies[name] = make_ours(builtin, device, **overrides)
+    policies["builtin bf16"] = make_builtin_bf16(builtin, device)
     return policies
 
 

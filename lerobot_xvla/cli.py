@@ -9,6 +9,7 @@ import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -94,21 +95,20 @@ def info() -> int:
 
 
 class ConvertRefused(ValueError):
-    """`convert` would lose data: the destination is the source, lies inside it, holds it, or holds other files."""
+    """`convert` or `export` would lose data: the destination is the source, lies inside it, holds it, or holds
+    other files."""
 
 
-def _check_destination(source: str, destination: Path, overwrite: bool) -> None:
-    """Refuse every destination whose writing could destroy a checkpoint (symbolic links resolved)."""
+def _check_destination(source: str, destination: Path, overwrite: bool, written: str) -> None:
+    """Refuse every destination whose writing could destroy a checkpoint (symbolic links resolved); `written`
+    names what would be written there, for the messages."""
     if os.path.isdir(source):  # a Hub id cannot overlap a local directory
         origin = Path(source).resolve()
         if destination == origin:
-            raise ConvertRefused(
-                f"the destination {destination} is the source checkpoint; write the converted checkpoint to another directory"
-            )
+            raise ConvertRefused(f"the destination {destination} is the source checkpoint; write {written} to another directory")
         if origin in destination.parents:
             raise ConvertRefused(
-                f"the destination {destination} is inside the source checkpoint {origin}; "
-                "write the converted checkpoint outside it"
+                f"the destination {destination} is inside the source checkpoint {origin}; write {written} outside it"
             )
         if destination in origin.parents:
             raise ConvertRefused(
@@ -137,27 +137,80 @@ def _replace_directory(staging: Path, destination: Path) -> None:
     shutil.rmtree(previous)
 
 
-def convert(source: str, destination: Path, device: str = "cpu", overwrite: bool = False) -> None:
-    """Write any X-VLA checkpoint (directory or Hub id) as a LeRobot checkpoint directory: the weights, and
-    the source's processors with their statistics (fresh ones for original-format checkpoints, which have
-    none). The destination is written whole or not at all; see `_check_destination` for what is refused."""
-    from .modeling_xvla import _checkpoint_directory, load_for_inference
-
+def _write_directory(source: str, destination: Path, overwrite: bool, written: str, write: Callable[[Path], str]) -> tuple[Path, str]:
+    """Write a directory derived from checkpoint `source` whole or not at all: refuse a destination that could
+    lose data (`_check_destination`), let `write` fill a staging directory beside it, then swap that in
+    (`_replace_directory`). A failure leaves the destination as it was. Returns the destination (resolved)
+    and what `write` returned (a summary to print)."""
     destination = destination.resolve()
-    _check_destination(source, destination, overwrite)
-    policy, preprocessor, postprocessor = load_for_inference(_checkpoint_directory(source), device)
+    _check_destination(source, destination, overwrite, written)
     destination.parent.mkdir(parents=True, exist_ok=True)
     # A sibling, so the final rename stays on one file system.
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent))
     try:
-        policy.save_pretrained(staging)
-        preprocessor.save_pretrained(staging)
-        postprocessor.save_pretrained(staging)
+        summary = write(staging)
         _replace_directory(staging, destination)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    print(f"wrote {destination} ({policy.config.action_mode}, chunk {policy.config.chunk_size}, cameras {policy.config.camera_order})")
+    return destination, summary
+
+
+def _graph_label(quantization: str) -> str:
+    return "fp32" if quantization == "none" else quantization
+
+
+def _describe(config) -> str:
+    return f"{config.action_mode}, chunk {config.chunk_size}, cameras {config.camera_order}"
+
+
+def convert(source: str, destination: Path, device: str = "cpu", overwrite: bool = False) -> None:
+    """Write any X-VLA checkpoint (directory or Hub id) as a LeRobot checkpoint directory: the weights, and
+    the source's processors with their statistics (fresh ones for original-format checkpoints, which have
+    none). The destination is written whole or not at all (`_write_directory`)."""
+    from .modeling_xvla import _checkpoint_directory, load_for_inference
+
+    def write(staging: Path) -> str:
+        policy, preprocessor, postprocessor = load_for_inference(_checkpoint_directory(source), device)
+        policy.save_pretrained(staging)
+        preprocessor.save_pretrained(staging)
+        postprocessor.save_pretrained(staging)
+        return _describe(policy.config)
+
+    destination, summary = _write_directory(source, destination, overwrite, "the converted checkpoint", write)
+    print(f"wrote {destination} ({summary})")
+
+
+def export(source: str, destination: Path, int8: bool = False, overwrite: bool = False) -> None:
+    """Write any X-VLA checkpoint as an ONNX export (`lerobot_xvla.edge`): the observation-encoding and
+    denoising-step graphs in fp32 (and int8 with `int8`), config.json with inference_backend="onnxruntime",
+    the processors and the tokenizer, so `--policy.path=<destination>` runs it on ONNX Runtime. Prints each
+    graph set's largest action difference from torch fp32 (same inputs, same noise). Written whole or not at
+    all, and refused where convert refuses (`_write_directory`)."""
+    from .edge import export_graphs, max_action_difference, quantize_graphs
+    from .modeling_xvla import _checkpoint_directory, load_for_inference
+
+    quantizations = ["none", "int8"] if int8 else ["none"]
+
+    def write(staging: Path) -> str:
+        policy, preprocessor, postprocessor = load_for_inference(
+            _checkpoint_directory(source), "cpu", dtype="float32", weights_dtype="float32", compile_model=False
+        )
+        export_graphs(policy.model, staging)
+        if int8:
+            quantize_graphs(staging)
+        config = policy.config
+        for quantization in quantizations:
+            difference = max_action_difference(policy.model, staging, quantization)
+            print(f"{_graph_label(quantization)} graphs: max |action - torch fp32 action| = {difference:.2e}")
+        config.inference_backend, config.quantization = "onnxruntime", quantizations[-1]
+        config._save_pretrained(staging)
+        preprocessor.save_pretrained(staging)
+        postprocessor.save_pretrained(staging)
+        return f"{_describe(config)}, ONNX graphs {', '.join(map(_graph_label, quantizations))}"
+
+    destination, summary = _write_directory(source, destination, overwrite, "the export", write)
+    print(f"wrote {destination} ({summary})")
 
 
 def policy_server() -> None:

@@ -81,6 +81,8 @@ _CHOICES = {
     "dtype": ("float32", "bfloat16"),
     "weights_dtype": ("float32", "bfloat16"),
     "compile_mode": COMPILE_MODES,
+    "inference_backend": ("torch", "onnxruntime"),
+    "quantization": ("none", "int8"),
     "lr_decay": ("constant", "cosine"),
     "tokenizer_padding_side": ("right", "left"),
     "pad_language_to": tuple(strategy.value for strategy in PaddingStrategy),
@@ -230,6 +232,14 @@ class XVLAConfig(PreTrainedConfig):
     # Steer each new chunk towards the previous chunk's actions that were predicted for the same steps and
     # not executed yet (real-time chunking adapted to clean-action prediction).
     rtc_guidance: bool = plugin_only(False)
+    # Where the network runs: "torch", or "onnxruntime" for a directory written by `lerobot-xvla export` (its
+    # two ONNX graphs, observation encoding and one denoising step, run by ONNX Runtime on the CPU with the
+    # same sampler; no torch weights are loaded). Needs the `edge` extra.
+    inference_backend: str = plugin_only("torch")
+    # "none", or "int8" (needs inference_backend="onnxruntime"): the export's int8 graphs (`export --int8`),
+    # whose matmul weights are int8 per output channel and activations quantized on the fly; norms,
+    # convolutions, embeddings, soft prompts, the time embedding and the per-domain action heads stay fp32.
+    quantization: str = plugin_only("none")
     # Cross-fade this many first actions of a new chunk with the previous chunk's.
     chunk_blend_steps: int = plugin_only(0)
     # After the first chunk, feed the last commanded action as proprio instead of the measured state (the
@@ -343,6 +353,11 @@ class XVLAConfig(PreTrainedConfig):
         _require(
             bool(self.tokenizer_name),
             f"tokenizer_name must name a tokenizer (Hub id or directory), got {self.tokenizer_name!r}",
+        )
+        _require(
+            self.quantization == "none" or self.inference_backend == "onnxruntime",
+            f"quantization={self.quantization!r} runs on ONNX Runtime: write the int8 graphs with `lerobot-xvla export "
+            "<checkpoint> <dir> --int8` and load <dir> (its config sets inference_backend='onnxruntime')",
         )
         _require(
             self.default_task is None or (isinstance(self.default_task, str) and self.default_task.strip() != ""),

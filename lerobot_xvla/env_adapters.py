@@ -7,11 +7,22 @@ LeRobot use the adapter's env processors, and builds the policy with the feature
 
 LIBERO (`--env.type=libero --env.control_mode=absolute`, how X-VLA's LIBERO checkpoint acts):
 
+* any other control mode is refused when the policy is built, with an error naming `--env.control_mode`:
+  LeRobot's default, `relative`, makes the controller read the absolute poses X-VLA predicts as deltas, and
+  `lerobot-eval` would otherwise run to the end with the arm flung away (0.342 m in 20 steps of a hold action);
+* the cameras keep their names and take the size the env renders: LeRobot 0.6 renders the config's
+  `observation_height` x `observation_width` (360x360 by default), LeRobot 0.4 declares those but renders its
+  env's own 256x256;
 * the agent-view camera (`observation.images.image`) is turned by 180 degrees, as in the checkpoint's
   training data; the wrist camera (`image2`) is not;
 * the robot state becomes the 20-D end-effector proprio of the original LIBERO client:
   [eef xyz, 6D rotation of the controller's orientation matrix (contiguous layout), 0] + 10 zeros;
-* the 20-D ee6d action becomes LIBERO's 7-D [xyz, axis-angle, gripper +1 (close) / -1 (open)].
+* the 20-D ee6d action becomes LIBERO's 7-D [xyz, axis-angle, gripper +1 (close) / -1 (open)]: absolute
+  targets of robosuite's OSC_POSE controller in the frame of the state, so the state fed back holds the arm
+  still (`tests/test_libero_sim.py` checks all of it in the real simulator).
+
+The simulator itself (LeRobot's `libero` extra and LIBERO's assets) comes with `pip install
+'lerobot_policy_xvla[libero]'` and `lerobot-xvla libero-setup` (`libero_setup.py`), offline.
 """
 
 from __future__ import annotations
@@ -31,6 +42,10 @@ from .rotations import matrix_to_rot6d, rot6d_to_axis_angle
 LIBERO_AGENT_VIEW = f"{OBS_IMAGES}.image"
 LIBERO_ROBOT_STATE = f"{OBS_PREFIX}robot_state"
 LIBERO_ROT6D_LAYOUT = "contiguous"  # the LIBERO checkpoint's layout (every other X-VLA dataset interleaves)
+LIBERO_CONTROL_MODE = "absolute"  # the checkpoints' actions are absolute end-effector poses
+# The camera size of lerobot.envs.libero.LiberoEnv when its config passes none (LeRobot 0.4's config declares
+# observation_height/width but does not hand them to the env).
+LIBERO_ENV_RENDER_SIZE = 256
 
 
 @dataclass
@@ -73,14 +88,41 @@ class LiberoActionStep(ProcessorStep):
         return features
 
 
+def check_control_mode(env_cfg: EnvConfig) -> None:
+    """Refuse a control mode in which X-VLA's absolute end-effector poses would not be read as such."""
+    mode = getattr(env_cfg, "control_mode", None)
+    if mode != LIBERO_CONTROL_MODE:
+        raise ValueError(
+            f"X-VLA in LIBERO needs --env.control_mode={LIBERO_CONTROL_MODE}, got --env.control_mode={mode}: X-VLA "
+            "predicts absolute end-effector poses, and in 'relative' mode (LeRobot's LIBERO default) the "
+            "controller applies them as deltas"
+        )
+
+
+def rendered_camera_shape(env_cfg: EnvConfig) -> tuple[int, int, int]:
+    """(height, width, 3) of the images the LIBERO env renders: the size the config hands the env (LeRobot
+    0.6: observation_height x observation_width), else the env's own default (LeRobot 0.4)."""
+    env_kwargs = env_cfg.gym_kwargs
+    height = env_kwargs.get("observation_height", LIBERO_ENV_RENDER_SIZE)
+    width = env_kwargs.get("observation_width", LIBERO_ENV_RENDER_SIZE)
+    return (height, width, 3)
+
+
 class LiberoAdapter:
     env_type = "libero"
 
     @staticmethod
     def policy_env_config(env_cfg: EnvConfig) -> EnvConfig:
-        """The env config as the policy sees it: its cameras, a 20-D state and a 20-D ee6d action."""
+        """The env config as the policy sees it: its cameras at the size the env renders, a 20-D state and a
+        20-D ee6d action. Refuses control modes other than absolute (`check_control_mode`)."""
+        check_control_mode(env_cfg)
         adapted = copy.copy(env_cfg)  # not dataclasses.replace: LiberoEnv.__post_init__ would re-add raw features
-        cameras = {k: v for k, v in env_cfg.features.items() if v.type is FeatureType.VISUAL}
+        camera_shape = rendered_camera_shape(env_cfg)
+        cameras = {
+            k: PolicyFeature(type=FeatureType.VISUAL, shape=camera_shape)
+            for k, v in env_cfg.features.items()
+            if v.type is FeatureType.VISUAL
+        }
         adapted.features = {
             **cameras,
             OBS_STATE: PolicyFeature(type=FeatureType.STATE, shape=(20,)),

@@ -215,6 +215,12 @@ class XVLAModel(nn.Module):
         encoded = self.forward_vlm(input_ids, image_input, image_mask)
         return self.transformer.encode_context(domain_id, **encoded, num_actions=num_actions)
 
+    def denoise_step(self, context: Tensor, domain_id: Tensor, x_t: Tensor, proprio: Tensor, t: Tensor) -> Tensor:
+        """One denoising pass over the cached context: x0_hat [B, T, dim_action] (`SoftPromptedTransformer.denoise`,
+        the graph compile_model compiles). With `encode_observation`, the two graphs the sampler runs, which
+        `edge.OnnxRuntimeModel` replaces with their ONNX export."""
+        return self.transformer.denoise(context, domain_id, x_t, proprio, t)
+
     def sample(
         self,
         input_ids: Tensor,
@@ -241,7 +247,7 @@ class XVLAModel(nn.Module):
             t = torch.full((x1.shape[0],), i / steps, device=x1.device, dtype=x1.dtype)
             x_t = t[:, None, None] * x1 + (1 - t)[:, None, None] * action
             self._new_graph_step()
-            action = self.transformer.denoise(context, domain_id, mode.mask_inputs(x_t), proprio, t)
+            action = self.denoise_step(context, domain_id, mode.mask_inputs(x_t), proprio, t)
             if target is not None:
                 action = action + weight * (target - action)
         # A CUDA graph's output buffer is overwritten by its next replay; the chunk outlives it.
@@ -267,7 +273,7 @@ class XVLAPolicy(PreTrainedPolicy):
             if config.anchor_fps is not None and config.anchor_fps != dataset_meta.fps:
                 raise ValueError(f"anchor_fps={config.anchor_fps} but the dataset is recorded at {dataset_meta.fps} fps")
         config.validate_features()
-        self.model = XVLAModel(config)
+        self.model = XVLAModel(config) if config.inference_backend == "torch" else _onnx_runtime_model(config)
         self._apply_weights_dtype()
         logger.info("X-VLA implementation: lerobot_xvla %s (%s)", __version__, config.action_mode)
         self._loss_term_sums: dict[str, float] = {}
@@ -558,6 +564,9 @@ class XVLAPolicy(PreTrainedPolicy):
         """config.json plus model.safetensors in the layout of the installed LeRobot's built-in X-VLA, which
         loads it. state_dict: weights gathered by the caller (LeRobot >= 0.6 passes them, e.g. under FSDP)."""
         self.config._save_pretrained(save_directory)
+        if self.config.inference_backend == "onnxruntime":  # an export: its graphs instead of weights
+            self.model.save_graphs(Path(save_directory))
+            return
         model = self.module if hasattr(self, "module") else self
         vocab = model.model.vlm.get_input_embeddings().num_embeddings
         weights = model.state_dict() if state_dict is None else state_dict
@@ -595,6 +604,10 @@ class XVLAPolicy(PreTrainedPolicy):
         )
         if config is None:
             config = load_config(directory)
+        if config.inference_backend == "onnxruntime":  # `lerobot-xvla export`: two ONNX graphs, no torch weights
+            policy = cls(config, **kwargs)
+            policy.model.load_graphs(directory)
+            return policy.eval()
         state_dict = load_file(str(directory / "model.safetensors"))
         config.florence_config = checkpoint_florence_config(config.florence_config, directory, state_dict)
         policy = cls(config, **kwargs)
@@ -607,6 +620,13 @@ class XVLAPolicy(PreTrainedPolicy):
         policy.to(config.device)
         policy.eval()
         return policy
+
+
+def _onnx_runtime_model(config: XVLAConfig) -> nn.Module:
+    """The sampler over the exported graphs (imported here: ONNX Runtime is the optional `edge` extra)."""
+    from .edge import OnnxRuntimeModel
+
+    return OnnxRuntimeModel(config)
 
 
 def load_config(directory: Path, **kwargs: Any) -> XVLAConfig:

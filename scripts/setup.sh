@@ -63,8 +63,12 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # Reinstall when the venv misses a test dependency or when the pinned versions changed since the last install.
 _STAMP="$VENV/.installed-$(cksum < "$_CONSTRAINTS" | cut -d' ' -f1)-$(cksum < pyproject.toml | cut -d' ' -f1)"
-if [ ! -e "$_STAMP" ] || ! "$VENV/bin/python" -c "import lerobot_xvla, pytest, scservo_sdk, gym_pusht, gym_aloha, peft" 2>/dev/null; then
-    echo "setup: installing LeRobot $XVLA_STACK stack into $VENV (first time: several minutes, a CUDA build of torch included)"
+if [ ! -e "$_STAMP" ] || ! "$VENV/bin/python" -c "import lerobot_xvla, pytest, scservo_sdk, gym_pusht, gym_aloha, peft, libero" 2>/dev/null; then
+    if ls "$VENV"/.installed-* >/dev/null 2>&1; then
+        echo "setup: updating $VENV (pyproject.toml or $_CONSTRAINTS changed since its last install)"
+    else
+        echo "setup: installing LeRobot $XVLA_STACK stack into $VENV (first time: about 5 minutes and 8-11 GB, a CUDA build of torch included; pip shows each download)"
+    fi
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --progress-bar on -c "$_CONSTRAINTS" -e ".[dev]"
     rm -f "$VENV"/.installed-*

@@ -94,13 +94,16 @@ def checkpoint(tmp_path_factory) -> Path:
         device="cpu", push_to_hub=False, input_features=inputs,
         output_features={"action": PolicyFeature(FeatureType.ACTION, (12,))},
     )
-    directory = root / "checkpoint"
+    return save_checkpoint(config, root / "checkpoint", dataset_stats=training_stats())
+
+
+def save_checkpoint(config: XVLAConfig, directory: Path, dataset_stats: dict | None = None) -> Path:
+    """An untrained policy of `config` (weights drawn with seed 0) and its processors, as a checkpoint directory."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
         XVLAPolicy(config).save_pretrained(directory)
-    preprocessor, postprocessor = make_xvla_pre_post_processors(config, dataset_stats=training_stats())
-    preprocessor.save_pretrained(directory)
-    postprocessor.save_pretrained(directory)
+    for pipeline in make_xvla_pre_post_processors(config, dataset_stats=dataset_stats):
+        pipeline.save_pretrained(directory)
     return directory
 
 
@@ -118,12 +121,7 @@ def save_three_view_checkpoint(directory: Path, tokenizer: str) -> Path:
                         "observation.state": PolicyFeature(FeatureType.STATE, (20,))},
         output_features={"action": PolicyFeature(FeatureType.ACTION, (20,))},
     )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        XVLAPolicy(config).save_pretrained(directory)
-    for pipeline in make_xvla_pre_post_processors(config):
-        pipeline.save_pretrained(directory)
-    return directory
+    return save_checkpoint(config, directory)
 
 
 def write_two_camera_dataset(root: Path, episodes: int = 2, frames: int = 8):

@@ -12,6 +12,7 @@ from lerobot.policies.factory import make_policy
 from scipy.spatial.transform import Rotation
 
 from lerobot_xvla import XVLAConfig, builtin_xvla
+from lerobot_xvla.compat import LEROBOT_06
 from lerobot_xvla.env_adapters import LiberoActionStep, LiberoAdapter, LiberoObservationStep
 from lerobot_xvla.offline import TINY_ARCHITECTURE
 
@@ -79,11 +80,29 @@ def test_lerobot_uses_the_adapter_for_xvla_in_libero_only():
 
 
 def test_policy_in_libero_predicts_20d_ee6d():
-    policy = make_policy(tiny_libero_config(), env_cfg=LiberoEnv())
+    policy = make_policy(tiny_libero_config(), env_cfg=LiberoEnv(control_mode="absolute"))
     assert policy.config.action_feature.shape == (20,)
     assert policy.config.robot_state_feature.shape == (20,)
     assert list(policy.config.image_features) == ["observation.images.image", "observation.images.image2"]
     assert policy.model.action_mode.name == "ee6d"
+
+
+def test_policy_cameras_have_the_size_the_env_renders():
+    """LeRobot 0.6 renders the configured size; LeRobot 0.4 declares it (360x360 by default) but renders 256x256
+    (tests/test_libero_sim.py compares with the real renders)."""
+    env_cfg = LiberoEnv(control_mode="absolute", observation_height=128, observation_width=96)
+    policy = make_policy(tiny_libero_config(), env_cfg=env_cfg)
+    rendered = (3, 128, 96) if LEROBOT_06 else (3, 256, 256)
+    assert [f.shape for f in policy.config.image_features.values()] == [rendered, rendered]
+
+
+@pytest.mark.parametrize("mode", ["relative", "delta", None])
+def test_control_modes_but_absolute_are_refused(mode):
+    """LeRobot's default, relative, would apply X-VLA's absolute poses as deltas: refused before any step."""
+    env_cfg = LiberoEnv() if mode is None else LiberoEnv(control_mode=mode)
+    refusal = f"needs --env.control_mode=absolute, got --env.control_mode={mode or 'relative'}"
+    with pytest.raises(ValueError, match=refusal):
+        make_policy(tiny_libero_config(), env_cfg=env_cfg)
 
 
 def test_adapter_refuses_missing_robot_state():

@@ -127,7 +127,10 @@ def test_info_reports_a_plugin_that_fails_to_import(tmp_path):
     assert "plugins LeRobot's discovery imported: none" in result.stdout
 
 
-@pytest.mark.parametrize("command", [[], ["info"], ["convert"], ["serve"]], ids=["top", "info", "convert", "serve"])
+COMMANDS_WITH_OPTIONS = (["convert"], ["export"], ["serve"], ["libero-setup"])
+
+
+@pytest.mark.parametrize("command", [[], ["info"], *COMMANDS_WITH_OPTIONS], ids=lambda command: " ".join(command) or "top")
 def test_cli_help_imports_neither_torch_nor_lerobot(command):
     """`lerobot-xvla ... --help` parses its arguments before importing the package (which imports torch and
     LeRobot), so help answers at once; every option shows its default."""
@@ -142,6 +145,6 @@ def test_cli_help_imports_neither_torch_nor_lerobot(command):
     loaded, help_text = run_python(code).split("\n", 1)
     assert loaded == "[]"
     entries = re.split(r"\n  (?=--)", help_text)[1:]  # one per option, from its flag to the next one
-    assert bool(entries) == (command in (["convert"], ["serve"]))
+    assert bool(entries) == (command in COMMANDS_WITH_OPTIONS)
     for entry in entries:
         assert "(default: " in " ".join(entry.split()), entry
