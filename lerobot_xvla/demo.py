@@ -1,11 +1,15 @@
-"""The main job, offline on a CPU: a dataset -> lerobot-train -> lerobot-eval with the tiny X-VLA.
+"""The main job, offline on a CPU: does an X-VLA trained by lerobot-train learn to act from what it sees?
 
-    python -m lerobot_xvla.demo [--output-dir outputs/demo] [--steps 200]
+    python -m lerobot_xvla.demo [--output-dir outputs/demo] [--steps N] [--eval-episodes N]
 
-1. writes a local tokenizer and a small LeRobotDataset of scripted PushT episodes (gym_pusht);
-2. trains the tiny X-VLA on it with `lerobot-train --config_path=configs/tiny_cpu_demo.json`;
-3. evaluates the checkpoint in the PushT gym env with `lerobot-eval --env.type=pusht`;
-4. prints where the checkpoint, the metrics and the videos are.
+1. records PushT episodes of a scripted expert (lerobot_xvla/demo_pusht.py) as two LeRobotDatasets: one to
+   train on, one held out;
+2. trains the tiny X-VLA with LeRobot's `lerobot-train --config_path=configs/tiny_cpu_demo.json`;
+3. saves an untrained policy of the same architecture beside it (same config, processors and statistics);
+4. runs LeRobot's `lerobot-eval --env.type=pusht` on both, with the same env seeds (the same episodes);
+5. measures the action error on the held-out episodes against predicting the mean action;
+6. writes `learning.png` (learning curve, a held-out episode's actions, closed-loop scores) next to the eval
+   videos, and `summary.json`, and prints the figures with their spread over the episodes.
 
 Both commands are LeRobot's own; they pick up lerobot_xvla through LeRobot's plugin discovery.
 """
@@ -14,59 +18,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
+from .demo_pusht import PUSHT_TASK, expert_coverage, record_pusht_dataset, remove_previous_output
 from .offline import build_word_tokenizer
+
+__all__ = ["DEMO_CONFIG", "PUSHT_TASK", "lerobot_command", "main"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "configs" / "tiny_cpu_demo.json"
-PUSHT_TASK = "push the T-shaped block onto the target"
-
-
-def write_pusht_dataset(root: Path, episodes: int = 4, frames: int = 40, seed: int = 0, repo_id: str = "local/xvla_demo_pusht"):
-    """Record scripted PushT episodes (the agent pushes towards the block, with noise) as a LeRobotDataset.
-
-    Features follow LeRobot's PushT convention: observation.image (96x96 RGB), observation.state and action
-    (2-D agent positions in pixels).
-    """
-    import gymnasium as gym
-    import gym_pusht  # noqa: F401  (registers gym_pusht/PushT-v0)
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
-
-    if root.exists():
-        shutil.rmtree(root)
-    features = {
-        "observation.image": {"dtype": "image", "shape": (96, 96, 3), "names": ["height", "width", "channel"]},
-        "observation.state": {"dtype": "float32", "shape": (2,), "names": ["x", "y"]},
-        "action": {"dtype": "float32", "shape": (2,), "names": ["x", "y"]},
-    }
-    dataset = LeRobotDataset.create(repo_id, fps=10, features=features, root=root, robot_type="pusht", use_videos=False)
-    env = gym.make("gym_pusht/PushT-v0", obs_type="pixels_agent_pos", render_mode="rgb_array", observation_width=96, observation_height=96)
-    rng = np.random.default_rng(seed)
-    for episode in range(episodes):
-        observation, info = env.reset(seed=seed + episode)
-        for _ in range(frames):
-            block = np.asarray(info.get("block_pose", [256.0, 256.0, 0.0]))[:2]
-            agent = observation["agent_pos"]
-            action = np.clip(agent + 0.3 * (block - agent) + rng.normal(0, 8, 2), 0, 512).astype(np.float32)
-            dataset.add_frame(
-                {
-                    "observation.image": observation["pixels"],
-                    "observation.state": agent.astype(np.float32),
-                    "action": action,
-                    "task": PUSHT_TASK,
-                }
-            )
-            observation, _, _, _, info = env.step(action)
-        dataset.save_episode()
-    dataset.finalize()
-    env.close()
-    return dataset
+OUTPUT_MARKER = ".xvla_main_job"  # marks directories the main job may replace on its next run
+EPISODE_FRAMES = 80  # 8 s at PushT's 10 fps: enough for the expert to walk round the block and push it home
+TRAIN_SEEDS = range(0, 48)
+HELDOUT_SEEDS = range(10_000, 10_008)
+EVAL_SEED = 100_000  # lerobot-eval's episodes use env seeds EVAL_SEED, EVAL_SEED + 1, ...
 
 
 def lerobot_command(name: str) -> str:
@@ -78,62 +50,165 @@ def lerobot_command(name: str) -> str:
     return str(found)
 
 
-def run(command: list[str]) -> None:
+def run(command: list[str], log: Path | None = None) -> str:
+    """Run a LeRobot command with its output on the terminal (and in `log`); return that output.
+
+    The tiny model gets one CPU thread unless OMP_NUM_THREADS says otherwise: lerobot-train's data worker
+    takes the other core of a 2-core machine, and two torch threads beside it made each training step
+    about twice as slow."""
     print("$ " + " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env) as process:
+        lines = []
+        for line in process.stdout:
+            sys.stdout.write(line)
+            lines.append(line)
+    output = "".join(lines)
+    if log is not None:
+        log.write_text(output)
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, command)
+    return output
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"))
-    parser.add_argument("--steps", type=int, default=200, help="training steps")
-    parser.add_argument("--eval-episodes", type=int, default=2)
-    args = parser.parse_args(argv)
-    out = args.output_dir.resolve()
+def save_untrained_policy(checkpoint: Path, destination: Path, seed: int) -> Path:
+    """A freshly initialised policy with `checkpoint`'s config, processors, statistics and tokenizer."""
+    import torch
 
-    tokenizer = build_word_tokenizer(out / "tokenizer")
-    dataset = write_pusht_dataset(out / "dataset")
-    print(f"dataset: {dataset.root} ({dataset.num_episodes} episodes, {dataset.num_frames} frames)")
+    from .modeling_xvla import XVLAPolicy, load_config
 
-    train_dir = out / "train"
-    if train_dir.exists():
-        shutil.rmtree(train_dir)
-    run(
-        [
-            lerobot_command("lerobot-train"),
-            f"--config_path={DEMO_CONFIG}",
-            f"--dataset.root={dataset.root}",
-            f"--policy.tokenizer_name={tokenizer}",
-            f"--steps={args.steps}",
-            f"--save_freq={args.steps}",
-            f"--output_dir={train_dir}",
-        ]
-    )
-    checkpoint = train_dir / "checkpoints" / "last" / "pretrained_model"
+    shutil.copytree(checkpoint, destination)
+    torch.manual_seed(seed)
+    XVLAPolicy(load_config(checkpoint)).save_pretrained(destination)
+    return destination
 
-    eval_dir = out / "eval"
-    if eval_dir.exists():
-        shutil.rmtree(eval_dir)
+
+def evaluate(checkpoint: Path, output_dir: Path, episodes: int) -> Path:
+    """`lerobot-eval` of `checkpoint` on PushT; returns its eval_info.json."""
     run(
         [
             lerobot_command("lerobot-eval"),
             f"--policy.path={checkpoint}",
             "--env.type=pusht",
-            "--env.episode_length=60",
-            f"--eval.n_episodes={args.eval_episodes}",
-            f"--eval.batch_size={args.eval_episodes}",
+            f"--env.episode_length={EPISODE_FRAMES}",
+            f"--eval.n_episodes={episodes}",
+            f"--eval.batch_size={min(episodes, 10)}",
             # LeRobot 0.6 defaults to async vector envs whose forkserver workers never import gym_pusht
             # (NamespaceNotFound for any policy); 0.4.x defaults to sync envs already.
             "--eval.use_async_envs=false",
+            f"--seed={EVAL_SEED}",
             "--policy.device=cpu",
-            f"--output_dir={eval_dir}",
+            f"--output_dir={output_dir}",
         ]
     )
-    metrics = json.loads((eval_dir / "eval_info.json").read_text())["overall"]
-    videos = sorted(eval_dir.glob("videos/**/*.mp4"))
-    print("\nX-VLA demo finished")
-    print(f"  checkpoint: {checkpoint.resolve()}")
-    print(f"  metrics:    {eval_dir / 'eval_info.json'}  (avg_sum_reward={metrics['avg_sum_reward']:.3f}, pc_success={metrics['pc_success']:.1f})")
+    return output_dir / "eval_info.json"
+
+
+class Stages:
+    """Prints each stage's name as it starts and keeps how long each took."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.monotonic()
+
+    def __call__(self, name: str) -> None:
+        now = time.monotonic()
+        if self.seconds:
+            self.seconds[next(reversed(self.seconds))] = round(now - self._last, 1)
+        self.seconds[name] = 0.0
+        self._last = now
+        print(f"\n=== {name} ({now - self._start:.0f} s into the main job)", flush=True)
+
+    def finish(self) -> float:
+        self("done")
+        del self.seconds["done"]
+        return round(time.monotonic() - self._start, 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .demo_report import ClosedLoop, loss_curve, mean_action_error, offline_action_error, plot_learning
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"), help="where everything goes (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
+    parser.add_argument("--eval-episodes", type=int, default=20, help="closed-loop episodes per policy (default: %(default)s)")
+    args = parser.parse_args(argv)
+    out = args.output_dir.resolve()
+    remove_previous_output(out, OUTPUT_MARKER)
+    out.mkdir(parents=True)
+    (out / OUTPUT_MARKER).touch()
+    demo_config = json.loads(DEMO_CONFIG.read_text())
+    steps = args.steps or demo_config["steps"]
+
+    stage = Stages()
+    stage("recording the scripted expert's PushT episodes")
+    tokenizer = build_word_tokenizer(out / "tokenizer")
+    train_set = record_pusht_dataset(out / "dataset", list(TRAIN_SEEDS), EPISODE_FRAMES, "local/xvla_demo_pusht")
+    heldout_set = record_pusht_dataset(out / "heldout", list(HELDOUT_SEEDS), EPISODE_FRAMES, "local/xvla_demo_pusht_heldout")
+
+    stage("training with lerobot-train")
+    train_log = run(
+        [
+            lerobot_command("lerobot-train"),
+            f"--config_path={DEMO_CONFIG}",
+            f"--dataset.root={train_set.root}",
+            f"--policy.tokenizer_name={tokenizer}",
+            f"--steps={steps}",
+            f"--save_freq={steps}",
+            f"--output_dir={out / 'train'}",
+        ],
+        log=out / "train.log",
+    )
+    checkpoint = out / "train" / "checkpoints" / "last" / "pretrained_model"
+    untrained = save_untrained_policy(checkpoint, out / "untrained" / "pretrained_model", seed=demo_config["seed"] + 1)
+
+    stage("closed loop with lerobot-eval: trained, then untrained, same env seeds")
+    trained_loop = ClosedLoop.from_eval_info(evaluate(checkpoint, out / "eval", args.eval_episodes))
+    untrained_loop = ClosedLoop.from_eval_info(evaluate(untrained, out / "eval_untrained", args.eval_episodes))
+    expert = expert_coverage(list(range(EVAL_SEED, EVAL_SEED + args.eval_episodes)), EPISODE_FRAMES)
+
+    stage("action error on the held-out episodes")
+    horizon = demo_config["policy"]["n_action_steps"]
+    mean_action = train_set.meta.stats["action"]["mean"]
+    trained_offline = offline_action_error(checkpoint, heldout_set, horizon)
+    untrained_offline = offline_action_error(untrained, heldout_set, horizon)
+    baseline = mean_action_error(heldout_set, mean_action, horizon)
+
+    figure = plot_learning(
+        out / "eval" / "learning.png",
+        loss_curve(train_log, demo_config["policy"]["log_loss_terms_every"]),
+        trained_offline,
+        mean_action,
+        trained_loop,
+        untrained_loop,
+        expert,
+    )
+    seconds = stage.finish()
+    summary = {
+        "closed_loop": {
+            name: {"max_reward": loop.max_reward.tolist(), "sum_reward": loop.sum_reward.tolist(), "success": loop.success.tolist()}
+            for name, loop in (("trained", trained_loop), ("untrained", untrained_loop))
+        },
+        "expert_max_reward": expert.tolist(),
+        "heldout_action_error_px": {
+            "trained": trained_offline.per_episode.tolist(),
+            "untrained": untrained_offline.per_episode.tolist(),
+            "mean_action": baseline.tolist(),
+        },
+        "stage_seconds": stage.seconds,
+        "total_seconds": seconds,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    videos = sorted((out / "eval").glob("videos/**/*.mp4"))
+    print(f"\nX-VLA main job finished in {seconds:.0f} s (PushT, {args.eval_episodes} closed-loop episodes per policy, env seeds from {EVAL_SEED})")
+    print(f"  closed loop, trained:   {trained_loop.describe()}")
+    print(f"  closed loop, untrained: {untrained_loop.describe()}")
+    print(f"  scripted expert:        max reward {expert.mean():.3f} ± {expert.std():.3f}")
+    print(f"  held-out action error (pixels, mean ± std [min, max] over {len(baseline)} episodes, first {horizon} actions):")
+    print(f"    trained {trained_offline.describe()} | untrained {untrained_offline.describe()} | mean action {baseline.mean():.1f} ± {baseline.std():.1f}")
+    print(f"  checkpoint: {checkpoint}")
+    print(f"  figure:     {figure}")
+    print(f"  metrics:    {out / 'eval' / 'eval_info.json'}, {out / 'eval_untrained' / 'eval_info.json'}, {out / 'summary.json'}")
     print(f"  videos:     {', '.join(str(v) for v in videos) or 'none'}")
 
 

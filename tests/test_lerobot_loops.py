@@ -8,13 +8,16 @@ import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from lerobot.configs.types import FeatureType, PolicyFeature
 from safetensors.torch import load_file
 
 from lerobot_xvla import XVLAConfig, XVLAPolicy
-from lerobot_xvla.demo import DEMO_CONFIG, PUSHT_TASK, lerobot_command, write_pusht_dataset
+from lerobot_xvla.demo import DEMO_CONFIG, lerobot_command, save_untrained_policy
+from lerobot_xvla.demo_pusht import PUSHT_TASK, record_pusht_dataset
+from lerobot_xvla.demo_report import ClosedLoop, loss_curve, mean_action_error, offline_action_error, plot_learning
 from lerobot_xvla.offline import TINY_ARCHITECTURE
 from lerobot_xvla.processor_xvla import make_xvla_pre_post_processors
 
@@ -22,7 +25,7 @@ from conftest import LEROBOT_ENV, lerobot
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    return write_pusht_dataset(tmp_path_factory.mktemp("data") / "pusht", episodes=2, frames=20).root
+    return record_pusht_dataset(tmp_path_factory.mktemp("data") / "pusht", seeds=[0, 1], frames=20, repo_id="local/xvla_demo_pusht").root
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +44,7 @@ def trained(tmp_path_factory, dataset, tokenizer_dir) -> tuple[Path, str]:
         "--save_freq=2",
         "--log_freq=2",
         "--batch_size=4",
+        "--num_workers=0",
         f"--output_dir={out}",
     )
     return out, log
@@ -144,7 +148,7 @@ def test_ddp_with_two_cpu_processes(dataset, tokenizer_dir, tmp_path):
             lerobot_command("accelerate"), "launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
             "--mixed_precision=no", "--dynamo_backend=no", lerobot_command("lerobot-train"),
             f"--config_path={DEMO_CONFIG}", f"--dataset.root={dataset}", f"--policy.tokenizer_name={tokenizer_dir}",
-            "--steps=2", "--save_freq=2", "--log_freq=1", "--batch_size=2", f"--output_dir={tmp_path / 'ddp'}",
+            "--steps=2", "--save_freq=2", "--log_freq=1", "--batch_size=2", "--num_workers=0", f"--output_dir={tmp_path / 'ddp'}",
         ],
         capture_output=True, text=True, env=LEROBOT_ENV, timeout=900,
     )  # fmt: skip
@@ -169,6 +173,9 @@ def test_eval_pusht_writes_metrics_and_videos(trained, tmp_path):
     )
     metrics = json.loads((tmp_path / "eval_info.json").read_text())["overall"]
     assert metrics["n_episodes"] == 1 and "avg_sum_reward" in metrics
+    episodes = ClosedLoop.from_eval_info(tmp_path / "eval_info.json")  # the main job's reading of this file
+    assert len(episodes.success) == 1 and episodes.sum_reward[0] == pytest.approx(metrics["avg_sum_reward"])
+    assert episodes.max_reward[0] == pytest.approx(metrics["avg_max_reward"])
     assert list(tmp_path.glob("videos/**/*.mp4"))
     assert f"using the instruction it was trained with, {PUSHT_TASK!r} (policy.default_task)" in log
 
@@ -233,3 +240,35 @@ def test_full_size_default_architecture_trains(dataset, tokenizer_dir, tmp_path)
     assert "X-VLA implementation: lerobot_xvla" in log
     assert "num_total_params=876336728" in log
     assert log.count("X-VLA loss terms (mean of 1 steps)") == 2
+
+
+def test_main_job_measures_what_lerobot_train_wrote(trained, tmp_path):
+    """The main job's learning curve, untrained twin and offline error, on a real lerobot-train run."""
+    out, log = trained
+    steps, losses = loss_curve(log, every=2)
+    logged = [float(line.split("loss=")[1].split(",")[0]) for line in log.splitlines() if "X-VLA loss terms" in line]
+    assert steps.tolist() == [2, 4] and losses.tolist() == logged
+
+    checkpoint = out / "checkpoints" / "000004" / "pretrained_model"
+    untrained = save_untrained_policy(checkpoint, tmp_path / "untrained", seed=7)
+    trained_weights, fresh_weights = (load_file(str(path / "model.safetensors")) for path in (checkpoint, untrained))
+    assert trained_weights.keys() == fresh_weights.keys()
+    changed = [key for key in trained_weights if not torch.equal(trained_weights[key], fresh_weights[key])]
+    assert len(changed) > len(trained_weights) // 2  # a fresh draw, not the trained weights (norms start equal)
+    for name in ("policy_preprocessor.json", "policy_postprocessor.json", "config.json"):
+        assert json.loads((untrained / name).read_text()) == json.loads((checkpoint / name).read_text())
+
+    held_out = record_pusht_dataset(tmp_path / "heldout", seeds=[5, 6], frames=12, repo_id="local/heldout")
+    error = offline_action_error(checkpoint, held_out, horizon=8)  # on the dataset as the main job gets it
+    assert error.per_episode.shape == (2,) and np.isfinite(error.per_episode).all()
+    assert error.episode_prediction.shape == error.episode_recorded.shape == (12, 2)
+    assert np.array_equal(offline_action_error(checkpoint, held_out, horizon=8).per_episode, error.per_episode)
+    actions = np.stack([held_out[i]["action"].numpy() for i in range(12)])  # episode 0
+    assert np.array_equal(error.episode_recorded, actions)
+    mean = actions.mean(0)
+    expected = np.mean([np.abs(actions[i : i + 8] - mean).mean() for i in range(12)])
+    assert mean_action_error(held_out, mean, horizon=8)[0] == pytest.approx(expected)
+
+    loop = ClosedLoop(np.array([0.1, 0.4]), np.array([1.0, 2.0]), np.array([False, True]))
+    figure = plot_learning(tmp_path / "eval" / "learning.png", (steps, losses), error, mean, loop, loop, np.array([0.5]))
+    assert figure.read_bytes().startswith(b"\x89PNG") and figure.stat().st_size > 10_000
