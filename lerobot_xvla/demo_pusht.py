@@ -66,6 +66,11 @@ def scripted_push(agent: np.ndarray, block_pose: np.ndarray) -> np.ndarray:
     return agent + step * min(1.0, WALK_STEP / max(np.linalg.norm(step), 1e-6))
 
 
+def expert_action(observation: dict, info: dict) -> np.ndarray:
+    """The expert's action in the PushT env, from its observation and info (which holds the block's pose)."""
+    return np.clip(scripted_push(observation["agent_pos"], np.asarray(info["block_pose"])), 0, 512)
+
+
 def _reachable(point: np.ndarray) -> bool:
     return bool(np.all((point > WORKSPACE_MARGIN) & (point < 512.0 - WORKSPACE_MARGIN)))
 
@@ -108,7 +113,7 @@ def record_pusht_dataset(root: Path, seeds: list[int], frames: int, repo_id: str
     for number, seed in enumerate(seeds, 1):
         observation, info = env.reset(seed=seed)
         for _ in range(frames):
-            action = np.clip(scripted_push(observation["agent_pos"], np.asarray(info["block_pose"])), 0, 512)
+            action = expert_action(observation, info)
             dataset.add_frame(
                 {
                     "observation.image": observation["pixels"],
@@ -134,8 +139,7 @@ def expert_coverage(seeds: list[int], frames: int) -> np.ndarray:
         observation, info = env.reset(seed=seed)
         rewards = []
         for _ in range(frames):
-            action = np.clip(scripted_push(observation["agent_pos"], np.asarray(info["block_pose"])), 0, 512)
-            observation, reward, terminated, _, info = env.step(action)
+            observation, reward, terminated, _, info = env.step(expert_action(observation, info))
             rewards.append(reward)
             if terminated:
                 break

@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .action_modes import build_action_mode
 from .configuration_xvla import XVLAConfig
 from .modeling_xvla import XVLAModel
 
@@ -170,10 +169,7 @@ class OnnxRuntimeModel(XVLAModel):
 
     def __init__(self, config: XVLAConfig) -> None:
         nn.Module.__init__(self)  # not XVLAModel.__init__: that builds the torch network
-        self.config = config
-        self.action_mode = build_action_mode(config.action_mode, config.action_dim, config.max_action_dim)
-        self.dim_action = self.action_mode.dim_action
-        self.dim_proprio = config.max_state_dim if config.use_proprio else 0
+        self._set_action_space(config)
         self.uses_cuda_graphs = False
         self.directory: Path | None = None
         self.sessions: dict[str, onnxruntime.InferenceSession] = {}

@@ -78,10 +78,7 @@ class XVLAModel(nn.Module):
 
     def __init__(self, config: XVLAConfig) -> None:
         super().__init__()
-        self.config = config
-        self.action_mode = build_action_mode(config.action_mode, config.action_dim, config.max_action_dim)
-        self.dim_action = self.action_mode.dim_action
-        self.dim_proprio = config.max_state_dim if config.use_proprio else 0
+        self._set_action_space(config)
         self.vlm = build_florence_encoder(config.florence_config)
         self.transformer = SoftPromptedTransformer(
             hidden_size=config.hidden_size,
@@ -109,6 +106,13 @@ class XVLAModel(nn.Module):
             self.encode_observation = compile_graph(self.encode_observation)
             self.transformer.denoise = compile_graph(self.transformer.denoise)
         self.uses_cuda_graphs = config.compile_model and config.compile_mode in CUDA_GRAPH_MODES
+
+    def _set_action_space(self, config: XVLAConfig) -> None:
+        """What the sampler reads of the config, whatever runs the network (torch here, ONNX Runtime in edge.py)."""
+        self.config = config
+        self.action_mode = build_action_mode(config.action_mode, config.action_dim, config.max_action_dim)
+        self.dim_action = self.action_mode.dim_action
+        self.dim_proprio = config.max_state_dim if config.use_proprio else 0
 
     def _freeze(self) -> None:
         frozen: list[nn.Module | nn.Parameter] = []
