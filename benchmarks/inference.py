@@ -24,7 +24,7 @@ import time
 import warnings
 
 import torch
-from common import full_size_kwargs, random_batch
+from common import full_size_kwargs, plot_latencies, random_batch
 
 
 def make_builtin(device: str, **overrides):
@@ -125,19 +125,7 @@ def main() -> None:
         print(f"| {name} | {median:.3f} | {baseline / median:.2f}x | {first_call[name]:.1f} | {diffs[name]:.1e} |")
     print(json.dumps({"device": device, "median_s": medians, "max_abs_diff": diffs}))
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        figure, axis = plt.subplots(figsize=(7, 3))
-        axis.barh(list(medians), list(medians.values()), color=["tab:gray" if "builtin" in n else "tab:blue" for n in medians])
-        axis.set_xlabel("seconds per action chunk (lower is better)")
-        axis.set_title(f"X-VLA-0.9B, 10 steps, 3 views ({device})")
-        axis.invert_yaxis()
-        figure.tight_layout()
-        figure.savefig(args.plot, dpi=120)
-
+        plot_latencies(medians, args.plot, f"X-VLA-0.9B, 10 steps, 3 views ({device})")
 
 if __name__ == "__main__":
     main()
