@@ -117,6 +117,11 @@ def measure_memory(name: str, workdir: Path) -> None:
     print(json.dumps({"built_gb": built, "peak_gb": memory_gb("VmHWM")}))
 
 
+def demo_checkpoint(demo_dir: Path) -> Path:
+    """The trained checkpoint in a main-job output directory (`python -m lerobot_xvla.demo --output-dir`)."""
+    return demo_dir / "train" / "checkpoints" / "last" / "pretrained_model"
+
+
 def demo_drift(demo_dir: Path, workdir: Path, frames: int = 40) -> dict[str, dict[str, float]]:
     """Drift of the demo checkpoint's ONNX Runtime fp32 / int8 chunks from its torch fp32 chunks on held-out
     frames (same noise), in units of each action dimension's dataset std: the max and the mean over
@@ -126,7 +131,7 @@ def demo_drift(demo_dir: Path, workdir: Path, frames: int = 40) -> dict[str, dic
     from lerobot_xvla.cli import export as export_checkpoint
     from lerobot_xvla.modeling_xvla import load_for_inference
 
-    checkpoint = demo_dir / "train" / "checkpoints" / "last" / "pretrained_model"
+    checkpoint = demo_checkpoint(demo_dir)
     exported = workdir / "demo_export"
     export_checkpoint(str(checkpoint), exported, int8=True, overwrite=True)
     heldout = LeRobotDataset("local/xvla_demo_pusht_heldout", root=demo_dir / "heldout")
@@ -176,8 +181,12 @@ def main() -> None:
 
     names = args.variants.split(",") if args.variants else default_variants()
     unknown = sorted(set(names) - set(VARIANTS))
-    if unknown or "builtin fp32" not in names:
-        parser.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}, 'builtin fp32' included (the drift reference)")
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    if "builtin fp32" not in names:
+        parser.error("--variants must include 'builtin fp32': drift is measured against it")
+    if args.demo_dir and not (demo_checkpoint(args.demo_dir) / "config.json").exists():
+        parser.error(f"--demo-dir: no main-job checkpoint at {demo_checkpoint(args.demo_dir)}; run `bash scripts/demo.sh` first")
     common = ["--threads", str(args.threads), "--workdir", str(args.workdir)]
     if not (args.workdir / "denoise_step.int8.onnx").exists():
         print("export:", json.dumps(run_stage("--stage", "export", *common)), flush=True)
