@@ -147,7 +147,7 @@ def demo_drift(demo_dir: Path, workdir: Path, frames: int = 40) -> dict[str, dic
         outputs = []
         for item in items:
             observation = {key: item[key] for key in policy.config.input_features} | {"task": item["task"]}
-            outputs.append(chunk(policy.eval(), preprocessor(observation), "cpu")[0])
+            outputs.append(chunk(policy, preprocessor(observation), "cpu")[0])  # loaded in eval mode
         chunks[name] = postprocessor(torch.cat(outputs))  # [frames, T, action_dim], dataset units
     drift = {name: ((actions - chunks["torch fp32"]) / std).abs() for name, actions in chunks.items() if name != "torch fp32"}
     return {name: {"max_std": values.max().item(), "mean_std": values.mean().item()} for name, values in drift.items()}

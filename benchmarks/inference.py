@@ -127,5 +127,6 @@ def main() -> None:
     if args.plot:
         plot_latencies(medians, args.plot, f"X-VLA-0.9B, 10 steps, 3 views ({device})")
 
+
 if __name__ == "__main__":
     main()

@@ -80,10 +80,10 @@ def offline_action_error(checkpoint: Path, dataset, horizon: int, seed: int = 0)
     torch.manual_seed(seed)
     errors, first_prediction, first_recorded = [], [], []
     for episode, frames in enumerate(_episode_frames(dataset)):
-        actions = torch.stack([dataset[i]["action"] for i in frames])  # [frames, action_dim]
+        items = [dataset[i] for i in frames]  # each frame decoded once
+        actions = torch.stack([item["action"] for item in items])  # [frames, action_dim]
         episode_errors = []
-        for position, index in enumerate(frames):
-            item = dataset[index]
+        for position, item in enumerate(items):
             observation = {key: item[key] for key in policy.config.input_features}
             observation["task"] = item["task"]
             with torch.no_grad():
