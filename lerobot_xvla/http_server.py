@@ -20,7 +20,9 @@ POST /act with a JSON object (the original's `models/modeling_xvla.py` /act):
 -> 4xx {"error": "..."} for every invalid request: 400 (naming the field), 404, 405, 408 (body slower than
    body_timeout_s), 411 (no Content-Length), 413 (body over --max-request-mb, refused before it is read).
    Error answers close the connection. Malformed HTTP (request line, headers) gets uvicorn's plain-text
-   400, and a connection beyond max_connections its plain-text 503.
+   400, and a connection beyond max_connections its plain-text 503. A connection is closed the way nginx
+   closes one ("lingering close"): after the answer the server ends its side and discards what the client
+   still sends, for at most linger_s, so an answer to a request refused unread is not lost to a reset.
 GET /health -> 200 {"status": "ok", "cameras": [...], "state_width": ..., "num_domains": ...}
 
 Resources are bounded: a connection that sends no complete request line and headers within keep_alive_s
@@ -42,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import json
 import logging
 import math
@@ -97,6 +100,7 @@ ARRAY_DTYPES = {"|u1": np.uint8, "<f4": np.float32, "<f8": np.float64, "<i4": np
 MAX_ARRAY_ELEMENTS = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE * 3
 KEEP_ALIVE_S = 5
 BODY_TIMEOUT_S = 30
+LINGER_S = 2
 MAX_CONNECTIONS = 32
 DECODE_SLOTS = 2
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -442,19 +446,59 @@ def make_app(service: XVLAService, max_request_bytes: int, body_timeout_s: float
 _REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, plus a deadline: each request line and its headers must arrive within
-    keep_alive_s of the connection (or of the last answer). uvicorn arms its keep-alive timer only after an
-    answer and any byte cancels it, so a client that connects and sends nothing, or trickles a header,
-    would hold its connection forever."""
+class LingeringTransport:
+    """An asyncio transport whose close() answers first and closes later. Closing a socket that holds unread
+    data (the rest of a body refused unread, an over-long header) makes the kernel reset the connection, and
+    on some network stacks the reset discards the answer before the client reads it. So close() ends our side
+    (the answer is still flushed), keeps reading and discarding, and closes when the client closes or after
+    linger_s. Everything else is the wrapped transport's."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, linger_s: float) -> None:
+        self.transport = transport
+        self.loop = loop
+        self.linger_s = linger_s
+        self.lingering = False
+        self.deadline: asyncio.TimerHandle | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self.transport.is_closing()
+
+    def close(self) -> None:
+        if self.lingering or self.transport.is_closing() or not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.lingering = True
+        self.transport.write_eof()
+        if not self.transport.is_reading():  # uvicorn pauses reading while a body waits to be consumed
+            self.transport.resume_reading()
+        self.deadline = self.loop.call_later(self.linger_s, self.transport.close)
+
+    def closed(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, plus a deadline and a lingering close. Each request line and its headers must
+    arrive within keep_alive_s of the connection (or of the last answer): uvicorn arms its keep-alive timer
+    only after an answer and any byte cancels it, so a client that connects and sends nothing, or trickles a
+    header, would hold its connection forever. Closing goes through `LingeringTransport`."""
+
+    def __init__(self, *args: Any, linger_s: float = LINGER_S, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.linger_s = linger_s
         self.header_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(LingeringTransport(transport, self.loop, self.linger_s))  # type: ignore[arg-type]
         self._arm_header_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.transport.lingering:  # after the answer, what still comes is discarded
+            super().data_received(data)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -463,6 +507,7 @@ class GuardedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.header_deadline is not None:
             self.header_deadline.cancel()
+        self.transport.closed()
         super().connection_lost(exc)
 
     def _arm_header_deadline(self) -> None:
@@ -492,13 +537,14 @@ class XVLAServer:
         keep_alive_s: float = KEEP_ALIVE_S,
         body_timeout_s: float = BODY_TIMEOUT_S,
         max_connections: int = MAX_CONNECTIONS,
+        linger_s: float = LINGER_S,
     ) -> None:
         app = make_app(service, int(max_request_mb * 1024 * 1024), body_timeout_s)
         self.socket = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.port: int = self.socket.getsockname()[1]
         config = uvicorn.Config(
             app,
-            http=GuardedH11Protocol,
+            http=functools.partial(GuardedH11Protocol, linger_s=linger_s),
             lifespan="off",
             log_config=None,  # leave the application's logging configuration alone
             timeout_keep_alive=keep_alive_s,

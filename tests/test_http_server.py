@@ -30,7 +30,7 @@ import torch
 
 from lerobot_xvla import XVLAPolicy, http_server
 from lerobot_xvla_cli import build_parser
-from lerobot_xvla.http_server import XVLAServer, XVLAService
+from lerobot_xvla.http_server import LINGER_S, XVLAServer, XVLAService
 from lerobot_xvla.processor_xvla import make_xvla_pre_post_processors
 
 from conftest import tiny_config
@@ -195,6 +195,40 @@ def test_size_limit_and_content_length(server):
     status, reply = exchange(server, b"POST /act HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
     assert status == 411
 
+
+
+def refuse_then_keep_sending(port: int, raw: bytes, seconds: float) -> tuple[int, bytes, float | None]:
+    """Send `raw` and read the answer, then go on sending for up to `seconds` the way a client still uploading
+    a refused body does: (status, body, seconds after the answer until the server closed, None if it did not)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(raw)
+        response = http.client.HTTPResponse(sock, method="POST")
+        response.begin()
+        status, body = response.status, response.read()
+        answered = time.monotonic()
+        try:
+            while time.monotonic() - answered < seconds:
+                sock.sendall(b"x" * 2**20)
+                time.sleep(0.05)
+        except OSError:  # reset: the server closed while data still came
+            return status, body, time.monotonic() - answered
+        return status, body, None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        http_request(b"x" * 1000, headers={"Content-Length": str(4 * 2**20)}),  # a body over the limit, half sent
+        b"POST /act HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 70_000,  # a header over h11's limit, still coming
+    ],
+    ids=["body_over_limit", "header_over_limit"],
+)
+def test_a_refused_client_still_sending_is_drained_then_closed(server, raw):
+    # Closing at once would reset the connection under a client still sending, and a reset can discard the
+    # answer before the client reads it (seen in CI). The server drains for LINGER_S, and no longer.
+    status, _, closed_after = refuse_then_keep_sending(server, raw, seconds=LINGER_S + 8)
+    assert status in (400, 413)
+    assert closed_after is not None and 0.5 <= closed_after <= LINGER_S + 5, closed_after
 
 @pytest.mark.parametrize(
     ("method", "path", "status"),
