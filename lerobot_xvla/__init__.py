@@ -1,16 +1,19 @@
 """lerobot_xvla: X-VLA (arXiv 2510.10274) as a LeRobot policy plugin.
 
 Importing the package makes `--policy.type=xvla` and `xvla` checkpoints resolve to this implementation
-(`lerobot_xvla.registration`; `LEROBOT_XVLA_BUILTIN=1` keeps LeRobot's built-in X-VLA).
+(`lerobot_xvla.registration`; `LEROBOT_XVLA_BUILTIN=1` keeps LeRobot's built-in X-VLA), and registers the
+main job's PushT variant with gymnasium (`demo_pusht.py`), so `lerobot-eval --env.task=PushTReach-v0` runs.
 """
 
 __version__ = "0.1.0"
 
 from .action_modes import ACTION_MODES, ActionMode, build_action_mode, register_action_mode
 from .configuration_xvla import XVLAConfig, XVLAConfigError
+from .demo_pusht import register_reach_env
 from .registration import builtin_xvla, install
 
 install()
+register_reach_env()
 
 
 def __getattr__(name: str):

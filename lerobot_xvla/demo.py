@@ -2,11 +2,12 @@
 
     python -m lerobot_xvla.demo [--output-dir outputs/demo] [--steps N] [--eval-episodes N]
 
-1. records PushT episodes of a scripted expert (lerobot_xvla/demo_pusht.py) as two LeRobotDatasets: one to
-   train on, one held out;
+1. records episodes of a scripted expert touching the block in PushT's reach variant (demo_pusht.py) as two
+   LeRobotDatasets: one to train on, one held out;
 2. trains the tiny X-VLA with LeRobot's `lerobot-train --config_path=configs/tiny_cpu_demo.json`;
 3. saves an untrained policy of the same architecture beside it (same config, processors and statistics);
-4. runs LeRobot's `lerobot-eval --env.type=pusht` on both, with the same env seeds (the same episodes);
+4. runs LeRobot's `lerobot-eval --env.type=pusht --env.task=PushTReach-v0` on both, with the same env seeds
+   (the same episodes);
 5. measures the action error on the held-out episodes against predicting the mean action;
 6. writes `learning.png` (learning curve, a held-out episode's actions, closed-loop scores) next to the eval
    videos, and `summary.json`, and prints the figures with their spread over the episodes.
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .demo_pusht import PUSHT_TASK, expert_coverage, record_pusht_dataset, remove_previous_output
+from .demo_pusht import PUSHT_TASK, REACH_ENV, expert_max_reward, record_pusht_dataset, remove_previous_output
 from .offline import build_word_tokenizer
 
 __all__ = ["DEMO_CONFIG", "PUSHT_TASK", "lerobot_command", "main"]
@@ -35,9 +36,9 @@ __all__ = ["DEMO_CONFIG", "PUSHT_TASK", "lerobot_command", "main"]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "configs" / "tiny_cpu_demo.json"
 OUTPUT_MARKER = ".xvla_main_job"  # marks directories the main job may replace on its next run
-EPISODE_FRAMES = 80  # 8 s at PushT's 10 fps: enough for the expert to walk round the block and push it home
-TRAIN_SEEDS = range(0, 48)
-HELDOUT_SEEDS = range(10_000, 10_008)
+EPISODE_FRAMES = 30  # 3 s at PushT's 10 fps; the expert needs at most 14 steps to cross the 512 px table
+TRAIN_SEEDS = range(0, 100)
+HELDOUT_SEEDS = range(10_000, 10_016)
 EVAL_SEED = 100_000  # lerobot-eval's episodes use env seeds EVAL_SEED, EVAL_SEED + 1, ...
 
 
@@ -84,12 +85,13 @@ def save_untrained_policy(checkpoint: Path, destination: Path, seed: int) -> Pat
 
 
 def evaluate(checkpoint: Path, output_dir: Path, episodes: int) -> Path:
-    """`lerobot-eval` of `checkpoint` on PushT; returns its eval_info.json."""
+    """`lerobot-eval` of `checkpoint` on PushT's reach variant; returns its eval_info.json."""
     run(
         [
             lerobot_command("lerobot-eval"),
             f"--policy.path={checkpoint}",
             "--env.type=pusht",
+            f"--env.task={REACH_ENV}",
             f"--env.episode_length={EPISODE_FRAMES}",
             f"--eval.n_episodes={episodes}",
             f"--eval.batch_size={min(episodes, 10)}",
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"), help="where everything goes (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
-    parser.add_argument("--eval-episodes", type=int, default=20, help="closed-loop episodes per policy (default: %(default)s)")
+    parser.add_argument("--eval-episodes", type=int, default=40, help="closed-loop episodes per policy (default: %(default)s)")
     args = parser.parse_args(argv)
     out = args.output_dir.resolve()
     remove_previous_output(out, OUTPUT_MARKER)
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps or demo_config["steps"]
 
     stage = Stages()
-    stage("recording the scripted expert's PushT episodes")
+    stage("recording the scripted expert's episodes")
     tokenizer = build_word_tokenizer(out / "tokenizer")
     train_set = record_pusht_dataset(out / "dataset", list(TRAIN_SEEDS), EPISODE_FRAMES, "local/xvla_demo_pusht")
     heldout_set = record_pusht_dataset(out / "heldout", list(HELDOUT_SEEDS), EPISODE_FRAMES, "local/xvla_demo_pusht_heldout")
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     stage("closed loop with lerobot-eval: trained, then untrained, same env seeds")
     trained_loop = ClosedLoop.from_eval_info(evaluate(checkpoint, out / "eval", args.eval_episodes))
     untrained_loop = ClosedLoop.from_eval_info(evaluate(untrained, out / "eval_untrained", args.eval_episodes))
-    expert = expert_coverage(list(range(EVAL_SEED, EVAL_SEED + args.eval_episodes)), EPISODE_FRAMES)
+    expert = expert_max_reward(list(range(EVAL_SEED, EVAL_SEED + args.eval_episodes)), EPISODE_FRAMES)
 
     stage("action error on the held-out episodes")
     horizon = demo_config["policy"]["n_action_steps"]
@@ -200,9 +202,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     videos = sorted((out / "eval").glob("videos/**/*.mp4"))
-    print(f"\nX-VLA main job finished in {seconds:.0f} s (PushT, {args.eval_episodes} closed-loop episodes per policy, env seeds from {EVAL_SEED})")
+    print(f"\nX-VLA main job finished in {seconds:.0f} s (PushT reach: touch the block, {args.eval_episodes} closed-loop episodes per policy, env seeds from {EVAL_SEED})")
     print(f"  closed loop, trained:   {trained_loop.describe()}")
     print(f"  closed loop, untrained: {untrained_loop.describe()}")
+    print(f"  paired by episode, trained vs untrained: {trained_loop.paired_with(untrained_loop)}")
     print(f"  scripted expert:        max reward {expert.mean():.3f} ± {expert.std():.3f}")
     print(f"  held-out action error (pixels, mean ± std [min, max] over {len(baseline)} episodes, first {horizon} actions):")
     print(f"    trained {trained_offline.describe()} | untrained {untrained_offline.describe()} | mean action {baseline.mean():.1f} ± {baseline.std():.1f}")

@@ -24,7 +24,7 @@ def loss_curve(train_log: str, every: int) -> tuple[np.ndarray, np.ndarray]:
 class ClosedLoop:
     """Per-episode results of one lerobot-eval run (the same env seeds for every policy)."""
 
-    max_reward: np.ndarray  # [episodes] best coverage reward reached in the episode
+    max_reward: np.ndarray  # [episodes] best reward reached in the episode
     sum_reward: np.ndarray  # [episodes]
     success: np.ndarray  # [episodes] bool
 
@@ -46,6 +46,11 @@ class ClosedLoop:
             f"max reward {_spread(self.max_reward)}, sum reward {_spread(self.sum_reward, 2)}, "
             f"success {100 * self.success.mean():.0f}% of {len(self.success)}"
         )
+
+    def paired_with(self, other: ClosedLoop) -> str:
+        """Episode by episode (same env seed): how often this policy succeeded where `other` did not, and back."""
+        only_self, only_other = (self.success & ~other.success).sum(), (other.success & ~self.success).sum()
+        return f"succeeded alone in {only_self}, failed alone in {only_other}, same outcome in {len(self.success) - only_self - only_other}"
 
 
 def _spread(values: np.ndarray, digits: int = 3) -> str:
@@ -146,7 +151,7 @@ def plot_learning(
         scores.scatter(position + jitter, values, s=14, alpha=0.7)
         scores.hlines(values.mean(), position - 0.3, position + 0.3, color="black")
     scores.set_xticks(range(len(groups)), list(groups))
-    scores.set(title="closed loop, same env seeds: max reward per episode", ylabel="max coverage reward", ylim=(0, 1))
+    scores.set(title="closed loop (lerobot-eval), same env seeds", ylabel="max reward per episode (1: touched the block)", ylim=(-0.05, 1.05))
 
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

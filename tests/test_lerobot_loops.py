@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from lerobot_xvla import XVLAConfig, XVLAPolicy
 from lerobot_xvla.demo import DEMO_CONFIG, lerobot_command, save_untrained_policy
-from lerobot_xvla.demo_pusht import PUSHT_TASK, record_pusht_dataset
+from lerobot_xvla.demo_pusht import PUSHT_TASK, REACH_ENV, record_pusht_dataset
 from lerobot_xvla.demo_report import ClosedLoop, loss_curve, mean_action_error, offline_action_error, plot_learning
 from lerobot_xvla.offline import TINY_ARCHITECTURE
 from lerobot_xvla.processor_xvla import make_xvla_pre_post_processors
@@ -159,12 +159,14 @@ def test_ddp_with_two_cpu_processes(dataset, tokenizer_dir, tmp_path):
 
 
 def test_eval_pusht_writes_metrics_and_videos(trained, tmp_path):
-    """PushT sends an empty instruction: the policy is given the one it was trained with, and says so."""
+    """PushT sends an empty instruction: the policy is given the one it was trained with, and says so. The env
+    is the main job's reach variant, which lerobot-eval finds because the plugin registers it."""
     out, _ = trained
     log = lerobot(
         "lerobot-eval",
         f"--policy.path={out / 'checkpoints' / '000004' / 'pretrained_model'}",
         "--env.type=pusht",
+        f"--env.task={REACH_ENV}",
         "--env.episode_length=20",
         "--eval.n_episodes=1",
         "--eval.batch_size=1",
@@ -258,17 +260,23 @@ def test_main_job_measures_what_lerobot_train_wrote(trained, tmp_path):
     for name in ("policy_preprocessor.json", "policy_postprocessor.json", "config.json"):
         assert json.loads((untrained / name).read_text()) == json.loads((checkpoint / name).read_text())
 
-    held_out = record_pusht_dataset(tmp_path / "heldout", seeds=[5, 6], frames=12, repo_id="local/heldout")
+    held_out = record_pusht_dataset(tmp_path / "heldout", seeds=[5, 6], frames=30, repo_id="local/heldout")
+    frames = int(held_out.meta.episodes["dataset_to_index"][0])  # episode 0 ends when the expert touches the block
+    assert 1 < frames < 30
     error = offline_action_error(checkpoint, held_out, horizon=8)  # on the dataset as the main job gets it
     assert error.per_episode.shape == (2,) and np.isfinite(error.per_episode).all()
-    assert error.episode_prediction.shape == error.episode_recorded.shape == (12, 2)
+    assert error.episode_prediction.shape == error.episode_recorded.shape == (frames, 2)
     assert np.array_equal(offline_action_error(checkpoint, held_out, horizon=8).per_episode, error.per_episode)
-    actions = np.stack([held_out[i]["action"].numpy() for i in range(12)])  # episode 0
+    actions = np.stack([held_out[i]["action"].numpy() for i in range(frames)])  # episode 0
     assert np.array_equal(error.episode_recorded, actions)
     mean = actions.mean(0)
-    expected = np.mean([np.abs(actions[i : i + 8] - mean).mean() for i in range(12)])
+    expected = np.mean([np.abs(actions[i : i + 8] - mean).mean() for i in range(frames)])
     assert mean_action_error(held_out, mean, horizon=8)[0] == pytest.approx(expected)
 
     loop = ClosedLoop(np.array([0.1, 0.4]), np.array([1.0, 2.0]), np.array([False, True]))
+    other = ClosedLoop(np.array([1.0, 0.0, 1.0]), np.array([1.0, 0.0, 1.0]), np.array([True, False, True]))
+    assert ClosedLoop(np.zeros(3), np.zeros(3), np.array([False, True, True])).paired_with(other) == (
+        "succeeded alone in 1, failed alone in 1, same outcome in 1"
+    )
     figure = plot_learning(tmp_path / "eval" / "learning.png", (steps, losses), error, mean, loop, loop, np.array([0.5]))
     assert figure.read_bytes().startswith(b"\x89PNG") and figure.stat().st_size > 10_000
