@@ -8,7 +8,8 @@
 3. saves an untrained policy of the same architecture beside it (same config, processors and statistics);
 4. runs LeRobot's `lerobot-eval --env.type=pusht --env.task=PushTReach-v0` on both, with the same env seeds
    (the same episodes);
-5. measures the action error on the held-out episodes against predicting the mean action;
+5. measures the action error on the held-out episodes against predicting the mean action, and again with
+   each frame given another episode's image (does the policy act on what it sees?);
 6. writes `learning.png` (learning curve, a held-out episode's actions, closed-loop scores) next to the eval
    videos, and `summary.json`, and prints the figures with their spread over the episodes.
 
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     horizon = demo_config["policy"]["n_action_steps"]
     mean_action = train_set.meta.stats["action"]["mean"]
     trained_offline = offline_action_error(checkpoint, heldout_set, horizon)
+    blind_offline = offline_action_error(checkpoint, heldout_set, horizon, other_images=True)
     untrained_offline = offline_action_error(untrained, heldout_set, horizon)
     baseline = mean_action_error(heldout_set, mean_action, horizon)
 
@@ -194,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         "expert_max_reward": expert.tolist(),
         "heldout_action_error_px": {
             "trained": trained_offline.per_episode.tolist(),
+            "trained_given_other_episodes_images": blind_offline.per_episode.tolist(),
             "untrained": untrained_offline.per_episode.tolist(),
             "mean_action": baseline.tolist(),
         },
@@ -209,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  scripted expert:        max reward {expert.mean():.3f} ± {expert.std():.3f}")
     print(f"  held-out action error (pixels, mean ± std [min, max] over {len(baseline)} episodes, first {horizon} actions):")
     print(f"    trained {trained_offline.describe()} | untrained {untrained_offline.describe()} | mean action {baseline.mean():.1f} ± {baseline.std():.1f}")
+    print(f"    trained, each frame given another episode's image: {blind_offline.describe()}")
     print(f"  checkpoint: {checkpoint}")
     print(f"  figure:     {figure}")
     print(f"  metrics:    {out / 'eval' / 'eval_info.json'}, {out / 'eval_untrained' / 'eval_info.json'}, {out / 'summary.json'}")

@@ -70,12 +70,14 @@ class OfflineError:
         return _spread(self.per_episode, 1)
 
 
-def offline_action_error(checkpoint: Path, dataset, horizon: int, seed: int = 0) -> OfflineError:
+def offline_action_error(checkpoint: Path, dataset, horizon: int, seed: int = 0, other_images: bool = False) -> OfflineError:
     """Mean absolute error of `checkpoint`'s first `horizon` actions against the recorded ones.
 
     Every frame of every episode of `dataset` (a LeRobotDataset) is one prediction from the observation of
-    that frame; actions past the episode's end are not counted. The noise of the flow-matching sampler is
-    seeded, so two calls give the same numbers.
+    that frame; actions past the episode's end are not counted. With `other_images`, each frame's images are
+    those of a random frame of another episode (its state and instruction stay): how much the policy's
+    predictions rest on what it sees. The noise of the flow-matching sampler and that draw are seeded, so two
+    calls give the same numbers.
     """
     import torch
 
@@ -83,13 +85,18 @@ def offline_action_error(checkpoint: Path, dataset, horizon: int, seed: int = 0)
 
     policy, preprocessor, postprocessor = load_for_inference(checkpoint, "cpu")
     torch.manual_seed(seed)
+    episodes = _episode_frames(dataset)
+    image_source = _frames_of_other_episodes(episodes, np.random.default_rng(seed)) if other_images else None
     errors, first_prediction, first_recorded = [], [], []
-    for episode, frames in enumerate(_episode_frames(dataset)):
+    for episode, frames in enumerate(episodes):
         items = [dataset[i] for i in frames]  # each frame decoded once
         actions = torch.stack([item["action"] for item in items])  # [frames, action_dim]
         episode_errors = []
         for position, item in enumerate(items):
             observation = {key: item[key] for key in policy.config.input_features}
+            if image_source is not None:
+                other = dataset[image_source[frames[position]]]
+                observation |= {key: other[key] for key in policy.config.image_features}
             observation["task"] = item["task"]
             with torch.no_grad():
                 chunk = postprocessor(policy.predict_action_chunk(preprocessor(observation)))[0]  # [T, action_dim]
@@ -110,6 +117,18 @@ def mean_action_error(dataset, mean_action: np.ndarray, horizon: int) -> np.ndar
         windows = [np.abs(actions[i : i + horizon] - mean_action).mean() for i in range(len(frames))]
         errors.append(np.mean(windows))
     return np.asarray(errors)
+
+
+def _frames_of_other_episodes(episodes: list[range], rng: np.random.Generator) -> dict[int, int]:
+    """For each frame index, a random frame index of another episode (there must be two episodes or more)."""
+    if len(episodes) < 2:
+        raise ValueError("swapping images between episodes needs at least two episodes")
+    everything = np.concatenate([np.asarray(frames) for frames in episodes])
+    source = {}
+    for frames in episodes:
+        others = everything[(everything < frames.start) | (everything >= frames.stop)]
+        source |= {frame: int(rng.choice(others)) for frame in frames}
+    return source
 
 
 def _episode_frames(dataset) -> list[range]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lerobot_xvla.demo_report import _frames_of_other_episodes
+
 from lerobot_xvla.demo_pusht import (
     BLOCK_CENTRE_RANGE,
     PUSHT_IMAGE_SIZE,
@@ -91,3 +93,14 @@ def test_output_dir_of_another_program_is_never_deleted(tmp_path):
     (precious / ".xvla_main_job").touch()
     remove_previous_output(precious, ".xvla_main_job")
     assert not precious.exists()
+
+
+def test_swapped_images_come_from_other_episodes():
+    episodes = [range(0, 3), range(3, 4), range(4, 9)]
+    source = _frames_of_other_episodes(episodes, np.random.default_rng(0))
+    assert sorted(source) == list(range(9))
+    for frames in episodes:
+        assert all(source[frame] not in frames for frame in frames)
+    assert len(set(source.values())) > 3  # drawn, not one fixed frame
+    with pytest.raises(ValueError, match="at least two episodes"):
+        _frames_of_other_episodes([range(0, 5)], np.random.default_rng(0))

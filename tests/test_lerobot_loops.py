@@ -267,6 +267,9 @@ def test_main_job_measures_what_lerobot_train_wrote(trained, tmp_path):
     assert error.per_episode.shape == (2,) and np.isfinite(error.per_episode).all()
     assert error.episode_prediction.shape == error.episode_recorded.shape == (frames, 2)
     assert np.array_equal(offline_action_error(checkpoint, held_out, horizon=8).per_episode, error.per_episode)
+    swapped = offline_action_error(checkpoint, held_out, horizon=8, other_images=True)
+    assert np.isfinite(swapped.per_episode).all() and not np.array_equal(swapped.per_episode, error.per_episode)
+    assert np.array_equal(swapped.episode_recorded, error.episode_recorded)  # same frames, other images
     actions = np.stack([held_out[i]["action"].numpy() for i in range(frames)])  # episode 0
     assert np.array_equal(error.episode_recorded, actions)
     mean = actions.mean(0)
