@@ -63,10 +63,9 @@ def register_reach_env() -> None:
 
 def make_pusht_env():
     """The env lerobot-eval builds for `--env.type=pusht --env.task=PushTReach-v0` (96x96 pixels and the
-    agent's position)."""
+    agent's position). Importing lerobot_xvla registered it."""
     import gymnasium as gym
 
-    register_reach_env()
     return gym.make(
         f"gym_pusht/{REACH_ENV}",
         obs_type="pixels_agent_pos",

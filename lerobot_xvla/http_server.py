@@ -458,7 +458,6 @@ class LingeringTransport:
         self.loop = loop
         self.linger_s = linger_s
         self.lingering = False
-        self.deadline: asyncio.TimerHandle | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.transport, name)
@@ -474,11 +473,7 @@ class LingeringTransport:
         self.transport.write_eof()
         if not self.transport.is_reading():  # uvicorn pauses reading while a body waits to be consumed
             self.transport.resume_reading()
-        self.deadline = self.loop.call_later(self.linger_s, self.transport.close)
-
-    def closed(self) -> None:
-        if self.deadline is not None:
-            self.deadline.cancel()
+        self.loop.call_later(self.linger_s, self.transport.close)  # a no-op if the client closed first
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -507,7 +502,6 @@ class GuardedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.header_deadline is not None:
             self.header_deadline.cancel()
-        self.transport.closed()
         super().connection_lost(exc)
 
     def _arm_header_deadline(self) -> None:
