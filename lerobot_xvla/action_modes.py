@@ -94,6 +94,9 @@ class ActionMode:
     logit_channels: tuple[int, ...] = ()
     #: normalisation of state and action that fits the loss (ee6d checkpoints were trained on raw values)
     default_normalization: NormalizationMode = NormalizationMode.IDENTITY
+    #: robot joints converted to and from the model vector by kinematics in the processors (`robots/`): the
+    #: dataset's state and actions are joints, the network's are end-effector poses
+    joint_space_robot: bool = False
 
     def __init__(self, action_dim: int | None, max_action_dim: int) -> None:
         # Without a dataset, the widest robot action the mode takes (the whole model vector where any width fits).
@@ -159,6 +162,31 @@ class EE6DActionMode(_EndEffector6D):
     def loss(self, pred, target, valid):
         gripper = sum(bce(pred, target, g, valid) for g in self.GRIPPERS) / len(self.GRIPPERS)
         return {**self.pose_losses(pred, target, valid), "gripper_loss": gripper}
+
+
+@register_action_mode("so101_ee6d")
+class SO101EE6DActionMode(EE6DActionMode):
+    """SO101 arms in X-VLA's ee6d space: datasets and robots give joints (width 6 for one arm, 12 for
+    `bi_so_follower`, left then right), the processors turn them into ee6d poses by forward kinematics and
+    back by inverse kinematics (`robots/so101_steps.py`). Losses as `ee6d`; with one arm the second arm's
+    channels are masked and carry no loss. `decode` returns the whole 20-D pose vector, for the IK step.
+    """
+
+    accepted_dims = (6, 12)
+    joint_space_robot = True
+
+    def __init__(self, action_dim: int | None, max_action_dim: int) -> None:
+        super().__init__(action_dim, max_action_dim)
+        self.arms = self.action_dim // 6
+        if self.arms == 1:
+            self.masked_channels = (self.GRIPPERS[0], *range(10, 20))
+            self.logit_channels = self.GRIPPERS[:1]
+            self.POSITION, self.ROTATION, self.GRIPPERS = self.POSITION[:1], self.ROTATION[:1], self.GRIPPERS[:1]
+
+    def decode(self, pred: torch.Tensor) -> torch.Tensor:
+        pred = pred.clone()
+        pred[..., list(self.GRIPPERS)] = torch.sigmoid(pred[..., list(self.GRIPPERS)])
+        return pred
 
 
 @register_action_mode("agibot_ee6d")

@@ -74,7 +74,8 @@ _INT_MINIMUM = {
 _NUMBER_SIGN = {
     "mlp_ratio": True, "optimizer_lr": True, "optimizer_eps": False, "optimizer_weight_decay": False,
     "optimizer_grad_clip_norm": False, "learning_coef": False, "optimizer_soft_prompt_lr_scale": False,
-    "optimizer_soft_prompt_warmup_lr_scale": False, "scheduler_decay_lr": False,
+    "optimizer_soft_prompt_warmup_lr_scale": False, "scheduler_decay_lr": False, "ik_orientation_weight": False,
+    "max_joint_step_deg": True,
 }  # fmt: skip
 _OPTIONAL_NUMBERS = ("optimizer_soft_prompt_warmup_lr_scale",)
 _CHOICES = {
@@ -201,6 +202,25 @@ class XVLAConfig(PreTrainedConfig):
     max_state_dim: int = 20
     # Model action width of the `auto` mode.
     max_action_dim: int = 20
+    # SO101 end-effector mode (`action_mode=so101_ee6d`, docs/so101.md). The arm's URDF; None: TheRobotStudio's
+    # SO101 model from the `kinematics` extra. Its end-effector frame is `gripper_frame_link`.
+    urdf_path: str | None = plugin_only(None)
+    # Per arm joint (5 values for every arm, or 10: left arm then right), the offset in degrees of the URDF's
+    # angle from LeRobot's: urdf = sign * lerobot + offset (docs/so101.md measures it). Empty: zero.
+    joint_offsets_deg: list[float] = plugin_only(default_factory=list)
+    # Per arm joint (5 or 10 values, as joint_offsets_deg), 1 or -1: -1 where the URDF's joint turns the other
+    # way than the servo's reading. Empty: all 1.
+    joint_signs: list[float] = plugin_only(default_factory=list)
+    # Weight of orientation against position in the inverse kinematics (0: position only). Five joints reach a
+    # position with only some orientations; LeRobot's 0.01 keeps position first.
+    ik_orientation_weight: float = plugin_only(0.01)
+    # Lower corner [x, y, z] (metres, the arm's base frame) of the box IK target positions are clipped into.
+    ee_workspace_low: list[float] = plugin_only(default_factory=lambda: [-0.5, -0.5, -0.05])
+    # Upper corner [x, y, z] of that box.
+    ee_workspace_high: list[float] = plugin_only(default_factory=lambda: [0.5, 0.5, 0.6])
+    # Largest change of an arm joint per control step (degrees) from the measured joints, and between the
+    # steps of a chunk.
+    max_joint_step_deg: float = plugin_only(10.0)
     # Key of a per-sample domain id in the batch (an `observation.*` dataset feature, so it survives
     # LeRobot's preprocessing); overrides domain_id.
     domain_feature_key: str | None = None
@@ -441,6 +461,30 @@ class XVLAConfig(PreTrainedConfig):
             or {mapping.get(k) for k in ("STATE", "ACTION")} == {NormalizationMode.IDENTITY},
             "use_predicted_proprio feeds actions back as proprio: it needs IDENTITY STATE and ACTION normalization",
         )
+        _require(
+            not get_action_mode_class(self.action_mode).joint_space_robot
+            or {mapping.get(k) for k in ("STATE", "ACTION")} == {NormalizationMode.IDENTITY},
+            f"action_mode={self.action_mode} turns joints into end-effector poses before normalisation, and the "
+            "dataset's statistics are of the joints: it needs IDENTITY STATE and ACTION normalization",
+        )
+
+    def _check_joint_space_robot(self) -> None:
+        """The kinematic modes read the joints from the state: it must hold what the actions command."""
+        state, width = self.robot_state_feature, self.action_dim
+        _require(self.use_proprio and state is not None, f"action_mode={self.action_mode} needs 'observation.state' (the measured joints) and use_proprio=true")
+        _require(
+            width is None or state.shape[-1] == width,
+            f"action_mode={self.action_mode}: observation.state has {state.shape[-1]} values but the actions {width}; "
+            "both must be the arm joints and grippers in LeRobot degrees (6 per arm)",
+        )
+        _require(self.max_state_dim >= 20, f"action_mode={self.action_mode} conditions on 20-D end-effector states: max_state_dim must be >= 20, got {self.max_state_dim}")
+        for name in ("ee_workspace_low", "ee_workspace_high"):
+            value = getattr(self, name)
+            _require(isinstance(value, list) and len(value) == 3 and all(map(_is_number, value)), f"{name} must be 3 finite numbers [x, y, z] in metres, got {value!r}")
+        _require(
+            all(lo < hi for lo, hi in zip(self.ee_workspace_low, self.ee_workspace_high)),
+            f"ee_workspace_low must be below ee_workspace_high in x, y and z, got {self.ee_workspace_low} and {self.ee_workspace_high}",
+        )
 
     # ----------------------------------------------------------------------------------------------------
     # Derived views of the config
@@ -553,6 +597,8 @@ class XVLAConfig(PreTrainedConfig):
                 )
         if self.action_dim is not None:
             check_action_dim(self.action_mode, self.action_dim, self.max_action_dim)
+        if get_action_mode_class(self.action_mode).joint_space_robot:
+            self._check_joint_space_robot()
         views = len(images) + self.empty_cameras
         self.num_image_views = max(self.num_image_views or views, views)
         self._check_sequence_length(self.num_image_views)

@@ -47,7 +47,9 @@ from lerobot.processor.converters import policy_action_to_transition, transition
 from lerobot.configs.types import FeatureType, PolicyFeature
 from lerobot.utils.constants import ACTION, OBS_IMAGE, OBS_STATE, POLICY_POSTPROCESSOR_DEFAULT_NAME, POLICY_PREPROCESSOR_DEFAULT_NAME
 
+from .action_modes import get_action_mode_class
 from .configuration_xvla import XVLAConfig
+from .robots.so101_steps import EndEffectorToJointsStep, JointsToEndEffectorStep
 
 logger = logging.getLogger(__name__)
 
@@ -382,6 +384,7 @@ def reconcile_loaded_processors(
     # Processor files of LeRobot's built-in X-VLA, or saved before these steps existed, lack them.
     _ensure_step(preprocessor, StateCheckStep, before=DeviceProcessorStep).state_dim = _state_dim(config)
     _ensure_step(preprocessor, DefaultTaskStep, before=TokenizerProcessorStep).task = config.default_task
+    _replace_kinematic_steps(preprocessor, postprocessor, config)
     bounds = ActionGuardStep.from_stats(_stats_of(unnormalizer), config.action_dim)
     guard = next((s for s in postprocessor.steps if isinstance(s, ActionGuardStep)), None)
     if guard is None:
@@ -394,6 +397,40 @@ def reconcile_loaded_processors(
         guard.action_dim = bounds.action_dim
         if bounds.low is not None:
             guard.low, guard.high = bounds.low, bounds.high
+
+
+def kinematic_steps(config: XVLAConfig) -> tuple[JointsToEndEffectorStep, EndEffectorToJointsStep] | None:
+    """The forward- and inverse-kinematics steps of a joint-space robot mode (`so101_ee6d`), linked so the IK
+    is seeded from the joints the preprocessor measured; None for the other modes."""
+    if not get_action_mode_class(config.action_mode).joint_space_robot or config.action_dim is None:
+        return None
+    arm = {"arms": config.action_dim // 6, "urdf_path": config.urdf_path,
+           "joint_offsets_deg": list(config.joint_offsets_deg), "joint_signs": list(config.joint_signs)}  # fmt: skip
+    forward = JointsToEndEffectorStep(**arm)
+    inverse = EndEffectorToJointsStep(
+        **arm, orientation_weight=config.ik_orientation_weight, workspace_low=list(config.ee_workspace_low),
+        workspace_high=list(config.ee_workspace_high), max_joint_step_deg=config.max_joint_step_deg,
+    )  # fmt: skip
+    inverse.joints_source = forward
+    return forward, inverse
+
+
+def _replace_kinematic_steps(preprocessor: PolicyProcessorPipeline, postprocessor: PolicyProcessorPipeline, config: XVLAConfig) -> None:
+    """A loaded checkpoint's kinematic steps are built anew from the config (which `--policy.urdf_path` and
+    the calibration fields override), right after the state check and right before the action guard."""
+    for pipeline in (preprocessor, postprocessor):
+        pipeline.steps[:] = [s for s in pipeline.steps if not isinstance(s, (JointsToEndEffectorStep, EndEffectorToJointsStep))]
+    steps = kinematic_steps(config)
+    if steps is None:
+        return
+    _insert_after(preprocessor, StateCheckStep, steps[0])
+    guard = next((i for i, s in enumerate(postprocessor.steps) if isinstance(s, ActionGuardStep)), len(postprocessor.steps))
+    postprocessor.steps.insert(guard, steps[1])
+
+
+def _insert_after(pipeline: PolicyProcessorPipeline, step_type: type[ProcessorStep], step: ProcessorStep) -> None:
+    index = next(i for i, s in enumerate(pipeline.steps) if isinstance(s, step_type))
+    pipeline.steps.insert(index + 1, step)
 
 
 def _ensure_step(pipeline: PolicyProcessorPipeline, step_type: type[ProcessorStep], before: type[ProcessorStep]) -> ProcessorStep:
@@ -425,6 +462,8 @@ PROCESSOR_STEPS: dict[str, type[ProcessorStep]] = {
     "xvla_action_guard": ActionGuardStep,
     "xvla_check_state": StateCheckStep,
     "xvla_default_task": DefaultTaskStep,
+    "xvla_so101_joints_to_ee": JointsToEndEffectorStep,
+    "xvla_so101_ee_to_joints": EndEffectorToJointsStep,
 }
 
 
@@ -527,6 +566,10 @@ def make_xvla_pre_post_processors(
         DeviceProcessorStep(device="cpu"),
         ActionGuardStep.from_stats(dataset_stats, config.action_dim),
     ]
+    kinematics = kinematic_steps(config)
+    if kinematics is not None:  # joints <-> end-effector poses, on the CPU, around the network's normalised space
+        input_steps.insert(3, kinematics[0])
+        output_steps.insert(2, kinematics[1])
     return (
         XVLAPreprocessor(steps=input_steps, name=POLICY_PREPROCESSOR_DEFAULT_NAME),
         PolicyProcessorPipeline[PolicyAction, PolicyAction](

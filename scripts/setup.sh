@@ -63,7 +63,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # Reinstall when the venv misses a test dependency or when the pinned versions changed since the last install.
 _STAMP="$VENV/.installed-$(cksum < "$_CONSTRAINTS" | cut -d' ' -f1)-$(cksum < pyproject.toml | cut -d' ' -f1)"
-if [ ! -e "$_STAMP" ] || ! "$VENV/bin/python" -c "import lerobot_xvla, pytest, scservo_sdk, gym_pusht, gym_aloha, peft, libero" 2>/dev/null; then
+if [ ! -e "$_STAMP" ] || ! "$VENV/bin/python" -c "import lerobot_xvla, pytest, scservo_sdk, gym_pusht, gym_aloha, peft, libero, placo" 2>/dev/null; then
     if ls "$VENV"/.installed-* >/dev/null 2>&1; then
         echo "setup: updating $VENV (pyproject.toml or $_CONSTRAINTS changed since its last install)"
     else

@@ -89,6 +89,20 @@ def make_batch(config: XVLAConfig, batch_size: int = 2, seed: int = 0, image_siz
     return batch
 
 
+def train_losses(policy, batch: dict, steps: int = 30, lr: float = 1e-3) -> list[float]:
+    """Losses of `steps` AdamW steps of `policy` on one fixed preprocessed batch."""
+    policy.train()
+    optimizer = torch.optim.AdamW(policy.get_optim_params(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss, _ = policy.forward(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> str:
     return str(build_word_tokenizer(tmp_path_factory.mktemp("tokenizer")))

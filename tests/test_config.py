@@ -126,7 +126,7 @@ def florence(vision=None, text=None, **top):
     return {**changed, **top}
 
 
-REGISTERED = "['agibot_ee6d', 'auto', 'ee6d', 'franka_joint7', 'joint', 'so101_bimanual']"
+REGISTERED = "['agibot_ee6d', 'auto', 'ee6d', 'franka_joint7', 'joint', 'so101_bimanual', 'so101_ee6d']"
 
 
 # Every field with a constrained value, and what the message says (tiny config: 2 cameras of 64x64, 16 text
