@@ -23,6 +23,7 @@ import torch
 from lerobot.configs.types import FeatureType, PolicyFeature
 
 from lerobot_xvla import XVLAConfig, XVLAPolicy
+from lerobot_xvla.modeling_xvla import load_config
 from lerobot_xvla.offline import TINY_ARCHITECTURE, build_word_tokenizer
 from lerobot_xvla.processor_xvla import make_xvla_pre_post_processors
 
@@ -95,6 +96,16 @@ def checkpoint(tmp_path_factory) -> Path:
         output_features={"action": PolicyFeature(FeatureType.ACTION, (12,))},
     )
     return save_checkpoint(config, root / "checkpoint", dataset_stats=training_stats())
+
+
+@pytest.fixture(scope="module")
+def ee_checkpoint(checkpoint) -> Path:
+    """The same arms in X-VLA's end-effector space (`so101_ee6d`): the model predicts poses, the postprocessor
+    turns them into the 12 joint targets by inverse kinematics."""
+    config = load_config(checkpoint)
+    config.action_mode, config.normalization_mapping = "so101_ee6d", None
+    config.__post_init__()  # the mode's IDENTITY normalisation
+    return save_checkpoint(config, checkpoint.parent / "ee_checkpoint", dataset_stats=training_stats())
 
 
 def save_checkpoint(config: XVLAConfig, directory: Path, dataset_stats: dict | None = None) -> Path:

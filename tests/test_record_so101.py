@@ -39,6 +39,7 @@ from so101_deploy import (  # noqa: F401  (checkpoint and robot are fixtures)
     assert_goals_inside_calibration,
     assert_nothing_reached_the_bus_after_the_nan,
     checkpoint,
+    ee_checkpoint,
     goal_frames,
     nan_in_third_chunk,
     robot,
@@ -160,6 +161,26 @@ def test_record_episode_with_xvla(checkpoint, robot, tmp_path, monkeypatch):
         cal = CALIBRATION[arm][motor]
         start = cal.range_min + (cal.range_max - cal.range_min) * 2 // 5
         assert math.isclose(states[0][j], to_units(start, arm, motor), abs_tol=1e-3)
+
+
+@records_with_a_policy
+def test_record_with_an_end_effector_checkpoint(ee_checkpoint, robot, tmp_path, monkeypatch):
+    """An so101_ee6d checkpoint under unmodified lerobot-record: the model's poses become joint targets by IK; the
+    dataset records those joints, and every goal on the bus is finite and inside calibration."""
+    calls = spy_on_policy(monkeypatch, robot)
+    root = record(monkeypatch, tmp_path, ee_checkpoint)
+
+    assert calls and all(c["chunk"].shape == (1, 30, 20) for c in calls)
+    actions = load_episode(root)["action"]
+    assert actions.shape[1] == 12 and len(actions) >= 3 and np.isfinite(actions).all()
+    stats = training_stats()["action"]
+    assert (actions >= stats["min"].numpy() - 1e-4).all() and (actions <= stats["max"].numpy() + 1e-4).all()
+    writes = assert_goals_inside_calibration(robot)
+    assert len({(w.port, w.motor_id) for w in writes}) == 12
+    frames = goal_frames(robot)
+    for frame, action in zip(frames, actions, strict=False):
+        for j, (arm, motor) in enumerate(JOINTS):
+            assert abs(frame[(arm, motor)] - to_raw(float(action[j]), arm, motor)) <= 1
 
 
 @records_with_a_policy

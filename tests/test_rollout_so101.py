@@ -59,6 +59,7 @@ from so101_deploy import (  # noqa: E402, F401  (checkpoint and robot are fixtur
     assert_goals_inside_calibration,
     assert_nothing_reached_the_bus_after_the_nan,
     checkpoint,
+    ee_checkpoint,
     goal_frames,
     nan_in_third_chunk,
     one_torch_thread,
@@ -189,6 +190,21 @@ def test_two_camera_robot_runs_a_three_view_checkpoint(two_camera_checkpoint, ro
     assert all(c["chunk"].shape == (1, 30, 12) for c in calls)
     writes = assert_goals_inside_calibration(robot)
     assert len({(w.port, w.motor_id) for w in writes}) == 12
+
+
+@pytest.mark.parametrize("inference", ["sync", "rtc"])
+def test_end_effector_checkpoint_drives_the_arms_through_ik(ee_checkpoint, robot, tmp_path, monkeypatch, inference):
+    """An so101_ee6d checkpoint under unmodified lerobot-rollout (sync: one pose per tick; RTC: whole chunks):
+    the model predicts 20-D poses, the postprocessor's IK turns them into joint targets, and every goal that
+    reaches the 12 servos is finite and inside calibration."""
+    calls = spy_on_policy(monkeypatch, robot)
+    extra = ["--inference.type=rtc", f"--inference.rtc.execution_horizon={EXECUTION_HORIZON}"] if inference == "rtc" else ["--policy.n_action_steps=5"]
+    rollout(monkeypatch, tmp_path, ee_checkpoint, *extra, "--return_to_initial_position=false", duration_s=3.0 if inference == "rtc" else DURATION_S)
+
+    assert len(calls) >= 2 and all(c["policy"] is XVLAPolicy for c in calls)
+    assert all(c["chunk"].shape == (1, 30, 20) for c in calls)  # end-effector poses, both arms
+    writes = assert_goals_inside_calibration(robot)
+    assert len({(w.port, w.motor_id) for w in writes}) == 12 and len(goal_frames(robot)) >= 5
 
 
 # ----------------------------------------------------------------------------------------------------------
