@@ -457,6 +457,13 @@ class XVLAPolicy(PreTrainedPolicy):
         actions = batch[ACTION]
         if actions.ndim == 2:
             actions = actions.unsqueeze(1)
+        mode = self.model.action_mode
+        if mode.joint_space_robot and actions.shape[-1] != mode.dim_action:
+            raise ValueError(
+                f"action_mode={mode.name} trains on {mode.dim_action}-D end-effector targets, which its preprocessor "
+                f"step xvla_so101_joints_to_ee makes from the joints; got targets of width {actions.shape[-1]}: run the batch "
+                "through the policy's preprocessor"
+            )
         valid = ~batch[ACTION_IS_PAD].bool() if ACTION_IS_PAD in batch else None
         cfg, dim_action = self.config, self.model.dim_action
         if cfg.anchor_horizon_frames is not None:

@@ -262,6 +262,8 @@ def test_policy_trains_in_ee_space_and_deploys_joints_through_lerobots_loader(tm
     batch = preprocessor({**observation, "action": lerobot_joints(1, 4 * 30, seed=11).reshape(4, 30, 6)})
     losses = train_losses(policy, batch)
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+    with pytest.raises(ValueError, match="trains on 20-D end-effector targets.*got targets of width 6"):
+        policy.forward({**batch, "action": lerobot_joints(1, 4 * 30).reshape(4, 30, 6)})  # joints, not preprocessed
 
     policy.save_pretrained(tmp_path)
     preprocessor.save_pretrained(tmp_path)
@@ -300,3 +302,33 @@ def test_mujoco_arm_tracks_commanded_end_effector_poses():
     held = track_end_effector(line, start)
     assert np.median(held.position_error_mm) < 4 and held.position_error_mm.max() < 8
     assert held.orientation_error_deg.max() > 1.0  # the orientation it could not keep, traded for position
+
+
+def test_lerobot_train_fine_tunes_a_pretrained_checkpoint_in_ee_space_on_a_joint_dataset(tmp_path, three_view_checkpoint):
+    """The user's command: a pretrained (ee6d, three-view) X-VLA fine-tuned with lerobot-train on an ordinary
+    bimanual SO101 joint dataset, `--policy.action_mode=so101_ee6d`, a new domain initialised from a pretrained
+    one. The checkpoint it writes deploys: its processors, loaded by LeRobot, turn observations into 12 joint
+    targets by IK."""
+    import json
+
+    from conftest import lerobot
+    from so101_deploy import RENAME_TO_THREE_VIEWS, write_two_camera_dataset
+
+    dataset = write_two_camera_dataset(tmp_path / "dataset")
+    lerobot(
+        "lerobot-train", f"--policy.path={three_view_checkpoint}", "--policy.action_mode=so101_ee6d",
+        "--policy.domain_id=7", "--policy.init_domain_from=6", "--policy.empty_cameras=1",
+        f"--rename_map={json.dumps(RENAME_TO_THREE_VIEWS)}", f"--dataset.repo_id={dataset.repo_id}",
+        f"--dataset.root={dataset.root}", "--steps=2", "--batch_size=2", "--num_workers=0", "--save_freq=2",
+        "--log_freq=1", f"--output_dir={tmp_path / 'train'}",
+    )  # fmt: skip
+    trained = tmp_path / "train" / "checkpoints" / "last" / "pretrained_model"
+    policy = XVLAPolicy.from_pretrained(trained)
+    assert policy.config.action_mode == "so101_ee6d" and policy.config.domain_id == 7
+    pre, post = make_pre_post_processors(policy.config, pretrained_path=str(trained))
+    assert any(isinstance(s, JointsToEndEffectorStep) for s in pre.steps)
+    frame = dataset[0]
+    observation = {key: frame[key][None] for key in ("observation.state", *RENAME_TO_THREE_VIEWS)}
+    observation = {RENAME_TO_THREE_VIEWS.get(k, k): v for k, v in observation.items()}
+    joints = post(policy.select_action(pre({**observation, "task": [frame["task"]]})))
+    assert joints.shape == (1, 12) and torch.isfinite(joints).all()
