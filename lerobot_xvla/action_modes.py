@@ -177,7 +177,7 @@ class SO101EE6DActionMode(EE6DActionMode):
 
     def __init__(self, action_dim: int | None, max_action_dim: int) -> None:
         super().__init__(action_dim, max_action_dim)
-        self.arms = self.action_dim // 6
+        self.arms = self.action_dim // 6  # five joints and a gripper per arm
         if self.arms == 1:
             self.masked_channels = (self.GRIPPERS[0], *range(10, 20))
             self.logit_channels = self.GRIPPERS[:1]

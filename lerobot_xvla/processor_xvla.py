@@ -3,6 +3,9 @@
 Preprocessor: rename -> add batch dim -> check the state -> default task -> tokenize the task -> images to
 [0, 1] -> ImageNet normalisation -> domain id -> device -> state/action normalisation. Postprocessor: unnormalise -> CPU -> action
 guard (values are clamped to the range of the training actions; non-finite actions are refused).
+With `action_mode=so101_ee6d` the preprocessor turns joints into end-effector poses right after the state check
+(`xvla_so101_joints_to_ee`) and the postprocessor turns poses into joints right before the action guard
+(`xvla_so101_ee_to_joints`); see `robots/so101_steps.py`.
 
 Every input is checked before the device step, so value checks run on the CPU and never stall an accelerator:
 camera shapes, dtypes and ranges (`check_image`), the state's width and finiteness (`StateCheckStep`), and the
@@ -49,7 +52,7 @@ from lerobot.utils.constants import ACTION, OBS_IMAGE, OBS_STATE, POLICY_POSTPRO
 
 from .action_modes import get_action_mode_class
 from .configuration_xvla import XVLAConfig
-from .robots.so101_steps import EndEffectorToJointsStep, JointsToEndEffectorStep
+from .robots.so101_steps import JOINTS_PER_ARM, EndEffectorToJointsStep, JointsToEndEffectorStep
 
 logger = logging.getLogger(__name__)
 
@@ -404,7 +407,7 @@ def kinematic_steps(config: XVLAConfig) -> tuple[JointsToEndEffectorStep, EndEff
     is seeded from the joints the preprocessor measured; None for the other modes."""
     if not get_action_mode_class(config.action_mode).joint_space_robot or config.action_dim is None:
         return None
-    arm = {"arms": config.action_dim // 6, "urdf_path": config.urdf_path,
+    arm = {"arms": config.action_dim // JOINTS_PER_ARM, "urdf_path": config.urdf_path,
            "joint_offsets_deg": list(config.joint_offsets_deg), "joint_signs": list(config.joint_signs)}  # fmt: skip
     forward = JointsToEndEffectorStep(**arm)
     inverse = EndEffectorToJointsStep(
@@ -416,8 +419,9 @@ def kinematic_steps(config: XVLAConfig) -> tuple[JointsToEndEffectorStep, EndEff
 
 
 def _replace_kinematic_steps(preprocessor: PolicyProcessorPipeline, postprocessor: PolicyProcessorPipeline, config: XVLAConfig) -> None:
-    """A loaded checkpoint's kinematic steps are built anew from the config (which `--policy.urdf_path` and
-    the calibration fields override), right after the state check and right before the action guard."""
+    """Put the config's kinematic steps right after the state check and right before the action guard, in new
+    pipelines and in loaded ones, whose steps are built anew from the config (which `--policy.urdf_path` and the
+    calibration fields override)."""
     for pipeline in (preprocessor, postprocessor):
         pipeline.steps[:] = [s for s in pipeline.steps if not isinstance(s, (JointsToEndEffectorStep, EndEffectorToJointsStep))]
     steps = kinematic_steps(config)
@@ -566,16 +570,12 @@ def make_xvla_pre_post_processors(
         DeviceProcessorStep(device="cpu"),
         ActionGuardStep.from_stats(dataset_stats, config.action_dim),
     ]
-    kinematics = kinematic_steps(config)
-    if kinematics is not None:  # joints <-> end-effector poses, on the CPU, around the network's normalised space
-        input_steps.insert(3, kinematics[0])
-        output_steps.insert(2, kinematics[1])
-    return (
-        XVLAPreprocessor(steps=input_steps, name=POLICY_PREPROCESSOR_DEFAULT_NAME),
-        PolicyProcessorPipeline[PolicyAction, PolicyAction](
-            steps=output_steps,
-            name=POLICY_POSTPROCESSOR_DEFAULT_NAME,
-            to_transition=policy_action_to_transition,
-            to_output=transition_to_policy_action,
-        ),
+    preprocessor = XVLAPreprocessor(steps=input_steps, name=POLICY_PREPROCESSOR_DEFAULT_NAME)
+    postprocessor = PolicyProcessorPipeline[PolicyAction, PolicyAction](
+        steps=output_steps,
+        name=POLICY_POSTPROCESSOR_DEFAULT_NAME,
+        to_transition=policy_action_to_transition,
+        to_output=transition_to_policy_action,
     )
+    _replace_kinematic_steps(preprocessor, postprocessor, config)
+    return preprocessor, postprocessor
