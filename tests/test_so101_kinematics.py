@@ -332,3 +332,23 @@ def test_lerobot_train_fine_tunes_a_pretrained_checkpoint_in_ee_space_on_a_joint
     observation = {RENAME_TO_THREE_VIEWS.get(k, k): v for k, v in observation.items()}
     joints = post(policy.select_action(pre({**observation, "task": [frame["task"]]})))
     assert joints.shape == (1, 12) and torch.isfinite(joints).all()
+
+
+def test_plugin_imports_without_placo_and_the_ik_names_the_extra():
+    """Without the kinematics extra the plugin still imports (else LeRobot would run its built-in X-VLA), and the
+    first IK solve says what to install."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['placo'] = None\n"
+        "import lerobot_xvla, torch\n"
+        "from lerobot_xvla.robots.so101_steps import EndEffectorToJointsStep, JointsToEndEffectorStep\n"
+        "from lerobot.processor import TransitionKey\n"
+        "fk, ik = JointsToEndEffectorStep(), EndEffectorToJointsStep(); ik.joints_source = fk\n"
+        "pose = fk({TransitionKey.OBSERVATION: {'observation.state': torch.zeros(1, 6)}})[TransitionKey.OBSERVATION]['observation.state']\n"
+        "try:\n    ik({TransitionKey.ACTION: pose})\nexcept ImportError as error:\n    print('ERROR', error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ERROR SO101 inverse kinematics needs placo: pip install 'lerobot_policy_xvla[kinematics]'" in result.stdout
