@@ -109,13 +109,15 @@ class SO101Arms:
         return torch.nn.functional.pad(vector, (0, 2 * EE_PER_ARM - vector.shape[-1]))
 
 
-class _ConfiguredStep(ProcessorStep):
+class _KinematicStep(ProcessorStep):
+    """Features stay those of the joints: datasets and robots keep speaking joints; only the tensors in between change."""
+
     def transform_features(self, features):
         return features
 
 
 @dataclass
-class JointsToEndEffectorStep(_ConfiguredStep):
+class JointsToEndEffectorStep(_KinematicStep):
     """Forward kinematics of `observation.state` [B, 6a] and, when present, the action targets [B, (T,) 6a]
     -> [B, (T,) 20]. Registered as `xvla_so101_joints_to_ee`."""
 
@@ -147,7 +149,7 @@ class JointsToEndEffectorStep(_ConfiguredStep):
 
 
 @dataclass
-class EndEffectorToJointsStep(_ConfiguredStep):
+class EndEffectorToJointsStep(_KinematicStep):
     """Inverse kinematics of ee6d actions [B, 20] (one control step) or [B, T, 20] (a chunk) -> joint targets
     [B, (T,) 6a] in LeRobot degrees. Registered as `xvla_so101_ee_to_joints`.
 
