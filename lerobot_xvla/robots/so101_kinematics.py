@@ -223,10 +223,15 @@ class SO101InverseKinematics:
             if step < self.tolerance_deg:
                 break
         reached = self.forward(joints)
-        cos = (np.trace(reached[:3, :3].T @ target[:3, :3]) - 1) / 2
         return IKResult(
             joints_deg=joints,
             position_error_m=float(np.linalg.norm(reached[:3, 3] - target[:3, 3])),
-            orientation_error_deg=float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))),
+            orientation_error_deg=rotation_angle_deg(reached[:3, :3], target[:3, :3]),
             iterations=iterations,
         )
+
+
+def rotation_angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    """Angle (degrees) of the rotation between two rotation matrices [3, 3]."""
+    cos = (np.trace(a.T @ b) - 1) / 2
+    return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))

@@ -20,7 +20,7 @@ from lerobot.processor import TransitionKey
 from lerobot.utils.constants import OBS_STATE
 
 from ..rotations import rot6d_to_matrix
-from .so101_kinematics import ARM_JOINTS, packaged_urdf
+from .so101_kinematics import ARM_JOINTS, packaged_urdf, rotation_angle_deg
 from .so101_steps import EndEffectorToJointsStep, JointsToEndEffectorStep
 
 SITE = "gripperframe"
@@ -77,6 +77,5 @@ def track_end_effector(targets: torch.Tensor, start_joints: torch.Tensor, fps: f
         reached = data.site_xmat[site].reshape(3, 3) @ SITE_TO_URDF
         wanted = rot6d_to_matrix(target[3:9], "interleaved").numpy()
         errors_mm.append(1e3 * np.linalg.norm(data.site_xpos[site] - target[:3].numpy()))
-        cos = (np.trace(reached.T @ wanted) - 1) / 2
-        errors_deg.append(np.degrees(np.arccos(np.clip(cos, -1, 1))))
+        errors_deg.append(rotation_angle_deg(reached, wanted))
     return Tracking(np.array(errors_mm), np.array(errors_deg), np.stack(sent))
