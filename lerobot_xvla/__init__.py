@@ -2,7 +2,8 @@
 
 Importing the package makes `--policy.type=xvla` and `xvla` checkpoints resolve to this implementation
 (`lerobot_xvla.registration`; `LEROBOT_XVLA_BUILTIN=1` keeps LeRobot's built-in X-VLA), and registers the
-main job's PushT variant with gymnasium (`demo_pusht.py`), so `lerobot-eval --env.task=PushTReach-v0` runs.
+main job's PushT variant with gymnasium (`demo_pusht.py`), so `lerobot-eval --env.task=PushTReach-v0` runs, and the
+simulated SO101 arms with LeRobot and gymnasium (`envs/`), so `lerobot-eval --env.type=so101_reach` runs.
 """
 
 __version__ = "0.1.0"
@@ -10,10 +11,12 @@ __version__ = "0.1.0"
 from .action_modes import ACTION_MODES, ActionMode, build_action_mode, register_action_mode
 from .configuration_xvla import XVLAConfig, XVLAConfigError
 from .demo_pusht import register_reach_env
+from .envs import register_gym_envs
 from .registration import builtin_xvla, install
 
 install()
 register_reach_env()
+register_gym_envs()
 
 
 def __getattr__(name: str):
