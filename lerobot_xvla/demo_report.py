@@ -53,6 +53,16 @@ class ClosedLoop:
         return f"succeeded alone in {only_self}, failed alone in {only_other}, same outcome in {len(self.success) - only_self - only_other}"
 
 
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a success rate (95% for z = 1.96); sound at 0 and at `trials` successes."""
+    if trials <= 0:
+        raise ValueError(f"wilson_interval needs trials > 0, got {trials}")
+    rate = successes / trials
+    centre = (rate + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * np.sqrt(rate * (1 - rate) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
 def _spread(values: np.ndarray, digits: int = 3) -> str:
     """mean ± std [min, max] of per-episode values."""
     return f"{values.mean():.{digits}f} ± {values.std():.{digits}f} [{values.min():.{digits}f}, {values.max():.{digits}f}]"

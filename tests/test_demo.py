@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lerobot_xvla.demo_report import _frames_of_other_episodes
+from lerobot_xvla.demo_report import _frames_of_other_episodes, wilson_interval
 
 from lerobot_xvla.demo_pusht import (
     BLOCK_CENTRE_RANGE,
@@ -104,3 +104,12 @@ def test_swapped_images_come_from_other_episodes():
     assert len(set(source.values())) > 3  # drawn, not one fixed frame
     with pytest.raises(ValueError, match="at least two episodes"):
         _frames_of_other_episodes([range(0, 5)], np.random.default_rng(0))
+
+
+def test_wilson_interval_matches_the_published_formula():
+    """95% Wilson score intervals (Newcombe 1998, table I: 81/263 -> 0.2553-0.3662; 0/20 -> 0-0.1611)."""
+    assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=5e-5)
+    assert wilson_interval(0, 20) == pytest.approx((0.0, 0.1611), abs=5e-5)
+    assert wilson_interval(20, 20) == pytest.approx((0.8389, 1.0), abs=5e-5)
+    with pytest.raises(ValueError, match="needs trials > 0, got 0"):
+        wilson_interval(0, 0)
