@@ -8,7 +8,8 @@ POST /act with a JSON object (the original's `models/modeling_xvla.py` /act):
 
     image0               required; a json_numpy array (the string json_numpy.dumps makes, or its object) of
                          an HxWx3 uint8 RGB image, or of the 1-D uint8 bytes of a JPEG or PNG file (decoded to
-                         RGB). Each side 1..MAX_IMAGE_SIDE. image0 is the primary camera.
+                         RGB). Each side 1..MAX_IMAGE_SIDE. image0 is the primary camera. Images are resized
+                         to the network's size as uint8 while they are validated (see "Resources").
     image1, image2       optional, the same; absent (or null) ones are masked views
     language_instruction str of at most MAX_INSTRUCTION_CHARS characters
     proprio              json_numpy array (or a plain list) of exactly the checkpoint's state width of
@@ -20,18 +21,31 @@ POST /act with a JSON object (the original's `models/modeling_xvla.py` /act):
 -> 4xx {"error": "..."} for every invalid request: 400 (naming the field), 404, 405, 408 (body slower than
    body_timeout_s), 411 (no Content-Length), 413 (body over --max-request-mb, refused before it is read).
    Error answers close the connection. Malformed HTTP (request line, headers) gets uvicorn's plain-text
-   400, and a connection beyond max_connections its plain-text 503. A connection is closed the way nginx
-   closes one ("lingering close"): after the answer the server ends its side and discards what the client
-   still sends, for at most linger_s, so an answer to a request refused unread is not lost to a reset.
+   400, and a request that finds every one of max_connections other connections busy its plain-text 503.
+   A client that ends its side (shutdown(SHUT_WR)) still gets the answer to each request it sent, then the
+   close; a body shorter than its Content-Length gets 400, a request line or headers cut off a plain-text
+   400. A connection is closed the way nginx closes one ("lingering close"): after the answer the server
+   ends its side and discards what the client still sends, for at most linger_s (at once if the client has
+   ended its side), so an answer to a request refused unread is not lost to a reset.
 GET /health -> 200 {"status": "ok", "cameras": [...], "state_width": ..., "num_domains": ...}
 
 Resources are bounded: a connection that sends no complete request line and headers within keep_alive_s
 is closed (uvicorn alone waits forever for a first request, and any byte cancels its keep-alive timer);
-a body must arrive within body_timeout_s; at most max_connections connections; DECODE_SLOTS requests are
-parsed and their images decoded at a time (memory: a few times the body, plus at most
-MAX_IMAGE_SIDE^2 x 3 bytes per decoded image); the model serves one request at a time. Encoded images
-must carry JPEG or PNG magic bytes and the width and height their header declares (PNG IHDR, JPEG SOFn)
-must be within MAX_IMAGE_SIDE before anything is decoded.
+a body must arrive within body_timeout_s. Requests are served on at most max_connections connections;
+idle ones do not hold a request out: when a request head arrives with more connections open, those
+without a request in progress (idle, trickling headers, draining an answer) are closed, longest waiting
+first. Only requests close others, so connections that send nothing cannot push out a request on its way
+(`GuardedH11Protocol`); a request meets 503 only when max_connections others have requests in progress.
+DECODE_SLOTS requests are parsed and their images decoded at a time, one image after another, and each
+image leaves validation as uint8 at the network's size (`CheckpointShape.view_size`), so the model lock
+never sees more: a JPEG is decoded at the smallest DCT scale (1/8..1) that covers that size, a PNG once at
+full size and resized as uint8 at once (PIL bicubic, as the original's processor; bilinear to fit the
+letterbox of resize_imgs_with_padding). Memory per decoding request: a few times the body, plus the one
+image being decoded, at most MAX_IMAGE_SIDE^2 x 4 bytes (PIL's pixels; 64 MB), twice that for palette,
+alpha and CMYK images, which are converted to RGB before the resize; no float copy is made before the
+resize. The model serves one request at a time. Encoded images must carry JPEG or PNG magic bytes and the
+width and height their header declares (PNG IHDR, JPEG SOFn) must be within MAX_IMAGE_SIDE before
+anything is decoded.
 
 Differences from the original on purpose: file paths are refused (the original opened any path on the
 server), only JPEG and PNG are decoded, encoded images are decoded to RGB (the original kept OpenCV's
@@ -45,6 +59,7 @@ import asyncio
 import base64
 import binascii
 import functools
+import io
 import json
 import logging
 import math
@@ -59,6 +74,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from PIL import Image as PILImage
 
 try:  # the `serve` extra
     import h11
@@ -81,6 +97,7 @@ try:  # the `serve` extra
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.requests import ClientDisconnect
+    from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE  # uvicorn's default, imported as uvicorn does
     from uvicorn.protocols.http.h11_impl import H11Protocol
 except ModuleNotFoundError as missing:
     raise ModuleNotFoundError(
@@ -118,6 +135,18 @@ class CheckpointShape:
     cameras: int
     state_width: int | None  # None: the checkpoint takes no proprio
     num_domains: int
+    image_size: tuple[int, int] = (224, 224)  # (H, W) the network takes (config.model_image_size)
+    letterbox: bool = False  # resize_imgs_with_padding: scaled to fit and padded, not stretched
+
+    def view_size(self, height: int, width: int) -> tuple[int, int]:
+        """(H, W) a height x width camera image is resized to before it reaches the policy: the network's size,
+        or with the letterbox the size that fits inside it (the policy pads it; smaller images are left to it)."""
+        if not self.letterbox:
+            return self.image_size
+        ratio = max(width / self.image_size[1], height / self.image_size[0])
+        if ratio <= 1:
+            return height, width
+        return max(1, round(height / ratio)), max(1, round(width / ratio))
 
 
 def _error(kind: str, message: str, **context: Any) -> PydanticCustomError:
@@ -208,26 +237,78 @@ class NumpyArray(BaseModel):
         return self._array
 
 
-def _rgb_image(value: NumpyArray) -> np.ndarray:
+def _rgb_image(value: NumpyArray, info: ValidationInfo) -> np.ndarray:
     """An HxWx3 uint8 RGB array, or the bytes of a JPEG or PNG whose declared size is checked before it is
-    decoded -> HxWx3 uint8 RGB array."""
+    decoded -> a uint8 RGB array at the size the network takes (`CheckpointShape.view_size`)."""
     array = value.array
     if array.dtype != np.uint8 or array.ndim not in (1, 3) or (array.ndim == 3 and array.shape[2] != 3):
         raise _error(
             "image", "must be an HxWx3 uint8 RGB image or the 1-D uint8 bytes of a JPEG/PNG, got {dtype} {shape}",
             dtype=str(array.dtype), shape=list(array.shape),
         )
+    shape: CheckpointShape = info.context
     if array.ndim == 1:
         height, width = encoded_image_size(array.tobytes())
         _check_sides(height, width, "declares")
-        import cv2
-
-        decoded = cv2.imdecode(array, cv2.IMREAD_COLOR)  # always 8-bit, 3 channels
-        if decoded is None:
-            raise _error("image_data", "holds a JPEG/PNG that does not decode")
-        array = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+        return _decode_for_network(array.tobytes(), shape)
     _check_sides(*array.shape[:2], "is")
-    return array
+    size = shape.view_size(*array.shape[:2])
+    if size == array.shape[:2]:
+        return array
+    return np.asarray(_resized(PILImage.fromarray(array), size, shape))
+
+
+# EXIF orientation -> the transposition that shows the image upright (what OpenCV's decoder applies).
+EXIF_ORIENTATION = 0x0112
+UPRIGHT = {
+    2: PILImage.Transpose.FLIP_LEFT_RIGHT, 3: PILImage.Transpose.ROTATE_180, 4: PILImage.Transpose.FLIP_TOP_BOTTOM,
+    5: PILImage.Transpose.TRANSPOSE, 6: PILImage.Transpose.ROTATE_270, 7: PILImage.Transpose.TRANSVERSE,
+    8: PILImage.Transpose.ROTATE_90,
+}
+# Modes that are resized as decoded (grey, RGB, 16-bit grey); the others (palette, alpha, CMYK, 1-bit) are
+# converted to RGB first.
+RESIZED_AS_DECODED = frozenset({"L", "RGB", "I", "I;16", "I;16B", "I;16L"})
+
+
+def _decode_for_network(data: bytes, shape: CheckpointShape) -> np.ndarray:
+    """A JPEG or PNG -> uint8 RGB at the network's view size. A JPEG is decoded at the smallest DCT scale
+    (1/2, 1/4, 1/8) that still covers that size; a PNG cannot be decoded smaller, so it is decoded once at full
+    size (at most MAX_IMAGE_SIDE^2 x 4 bytes, PIL's pixel layout) and resized as uint8 at once."""
+    try:
+        image = PILImage.open(io.BytesIO(data), formats=("JPEG", "PNG"))
+        if image.format == "JPEG":
+            side = max(shape.view_size(image.height, image.width))  # covers the view whichever way it is turned
+            image.draft("RGB", (side, side))
+        image.load()
+        turn = UPRIGHT.get(image.getexif().get(EXIF_ORIENTATION, 1))
+        if image.mode not in RESIZED_AS_DECODED:
+            image = image.convert("RGB")
+        height, width = (image.width, image.height) if turn in _SIDEWAYS else (image.height, image.width)
+        size = shape.view_size(height, width)
+        image = _resized(image, size[::-1] if turn in _SIDEWAYS else size, shape)
+        if turn is not None:
+            image = image.transpose(turn)
+        if image.mode.startswith("I"):  # 16-bit grey: its high byte, as OpenCV's 8-bit decoding keeps
+            image = PILImage.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+        return np.asarray(image.convert("RGB"))
+    except PydanticCustomError:
+        raise
+    except Exception as error:  # any fault of a decoder fed hostile bytes
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise _error("image_data", "holds a JPEG/PNG that does not decode ({reason})", reason=reason) from None
+
+
+_SIDEWAYS = frozenset({PILImage.Transpose.TRANSPOSE, PILImage.Transpose.ROTATE_270,
+                       PILImage.Transpose.TRANSVERSE, PILImage.Transpose.ROTATE_90})
+
+
+def _resized(image: PILImage.Image, size: tuple[int, int], shape: CheckpointShape) -> PILImage.Image:
+    """`image` at (height, width) `size`: bicubic as the original's processor (`Resize(BICUBIC)` of the uint8
+    PIL image), bilinear for the letterbox of resize_imgs_with_padding."""
+    if (image.height, image.width) == tuple(size):
+        return image
+    method = PILImage.Resampling.BILINEAR if shape.letterbox else PILImage.Resampling.BICUBIC
+    return image.resize((size[1], size[0]), method)
 
 
 def _check_sides(height: int, width: int, verb: str) -> None:
@@ -348,7 +429,10 @@ class XVLAService:
         config = self.policy.config
         self.cameras = config.camera_order[: len(CAMERA_FIELDS)]
         state = config.robot_state_feature.shape[-1] if config.use_proprio else None
-        self.shape = CheckpointShape(len(self.cameras), state, config.num_domains)
+        letterbox = config.resize_imgs_with_padding is not None
+        self.shape = CheckpointShape(
+            len(self.cameras), state, config.num_domains, tuple(config.model_image_size), letterbox
+        )
         self.model_lock = threading.Lock()
         self.decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
 
@@ -406,11 +490,16 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
         return bytes(body)
 
     try:
-        return await asyncio.wait_for(read(), timeout_s)
+        body = await asyncio.wait_for(read(), timeout_s)
     except asyncio.TimeoutError:
         raise HTTPException(408, f"the body did not arrive within {timeout_s} s") from None
     except ClientDisconnect:
         raise HTTPException(400, "the client closed the connection before sending its body") from None
+    if len(body) != int(declared):  # the client ended its side early (GuardedH11Protocol.eof_received)
+        message = f"the client ended its side after {len(body)} of the {declared} body bytes"
+        message += " its Content-Length declares"
+        raise HTTPException(400, message)
+    return body
 
 
 def make_app(service: XVLAService, max_request_bytes: int, body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
@@ -444,6 +533,10 @@ def make_app(service: XVLAService, max_request_bytes: int, body_timeout_s: float
 
 
 _REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+_CUT_TEXT = b"the client ended its side inside a request line or its headers"
+_CUT_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(
+    _CUT_TEXT
+) + b"Connection: close\r\n\r\n" + _CUT_TEXT
 
 
 class LingeringTransport:
@@ -451,13 +544,15 @@ class LingeringTransport:
     data (the rest of a body refused unread, an over-long header) makes the kernel reset the connection, and
     on some network stacks the reset discards the answer before the client reads it. So close() ends our side
     (the answer is still flushed), keeps reading and discarding, and closes when the client closes or after
-    linger_s. Everything else is the wrapped transport's."""
+    linger_s. A client that has already ended its side (`client_ended`) sends nothing more: its connection is
+    closed at once, once the answer is flushed. Everything else is the wrapped transport's."""
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, linger_s: float) -> None:
         self.transport = transport
         self.loop = loop
         self.linger_s = linger_s
         self.lingering = False
+        self.client_ended = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.transport, name)
@@ -466,7 +561,7 @@ class LingeringTransport:
         return self.lingering or self.transport.is_closing()
 
     def close(self) -> None:
-        if self.lingering or self.transport.is_closing() or not self.transport.can_write_eof():
+        if self.lingering or self.client_ended or self.transport.is_closing() or not self.transport.can_write_eof():
             self.transport.close()
             return
         self.lingering = True
@@ -476,33 +571,108 @@ class LingeringTransport:
         self.loop.call_later(self.linger_s, self.transport.close)  # a no-op if the client closed first
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, plus a deadline and a lingering close. Each request line and its headers must
-    arrive within keep_alive_s of the connection (or of the last answer): uvicorn arms its keep-alive timer
-    only after an answer and any byte cancels it, so a client that connects and sends nothing, or trickles a
-    header, would hold its connection forever. Closing goes through `LingeringTransport`."""
+class _RequestWatch(h11.Connection):
+    """h11's server connection, calling `on_request` as each request head is parsed (before uvicorn sees it)."""
 
-    def __init__(self, *args: Any, linger_s: float = LINGER_S, **kwargs: Any) -> None:
+    def __init__(self, role: type[h11.SERVER], max_incomplete_event_size: int, on_request: Any) -> None:
+        super().__init__(role, max_incomplete_event_size)
+        self.on_request = on_request
+
+    def next_event(self) -> Any:
+        event = super().next_event()
+        if isinstance(event, h11.Request):
+            self.on_request()
+        return event
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, plus a deadline, answers to half-closed connections, room for requests and a
+    lingering close.
+
+    - Each request line and its headers must arrive within keep_alive_s of the connection (or of the last
+      answer): uvicorn arms its keep-alive timer only after an answer and any byte cancels it, so a client
+      that connects and sends nothing, or trickles a header, would hold its connection forever.
+    - A client that ends its side (shutdown(SHUT_WR)) after a request still gets the answer, then the
+      connection closes; a body shorter than its Content-Length gets 400, a request line or headers cut off
+      a plain-text 400. (uvicorn closes on the end of the stream and drops the answer.)
+    - Room for requests: when a request's head arrives while more than max_connections connections are open,
+      the connections without a request in progress (idle, sending headers, draining after their answer) are
+      closed, those that have waited longest first, until at most max_connections remain. Only a request
+      head closes others, never a new connection: clients that open connections and send nothing close
+      nobody's, so they cannot push out a request still on its way. When every other connection has a
+      request in progress, uvicorn (`limit_concurrency`) answers the request 503.
+    - Closing goes through `LingeringTransport`."""
+
+    def __init__(
+        self, *args: Any, linger_s: float = LINGER_S, max_connections: int = MAX_CONNECTIONS, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
+        limit = self.config.h11_max_incomplete_event_size
+        self.conn = _RequestWatch(h11.SERVER, limit or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE, self._make_room)
         self.linger_s = linger_s
+        self.max_connections = max_connections
         self.header_deadline: asyncio.TimerHandle | None = None
+        self.waiting_since = 0.0  # when the connection, or its last answer, began to wait for a request
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(LingeringTransport(transport, self.loop, self.linger_s))  # type: ignore[arg-type]
+        self.waiting_since = self.loop.time()
         self._arm_header_deadline()
 
     def data_received(self, data: bytes) -> None:
         if not self.transport.lingering:  # after the answer, what still comes is discarded
             super().data_received(data)
 
+    def eof_received(self) -> bool:
+        """The client has ended its side: answer what it sent, then close. True keeps our side open."""
+        self.transport.client_ended = True
+        if self.transport.is_closing():  # answered (lingering) or closed: nothing more to say
+            return False
+        self._answer_the_ended_client()
+        return True
+
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._arm_header_deadline()
+        self.waiting_since = self.loop.time()
+        super().on_response_complete()  # starts a pipelined request, if a complete one is waiting
+        if self.transport.client_ended:
+            self._answer_the_ended_client()
+        elif not self.transport.is_closing():
+            self._arm_header_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.header_deadline is not None:
             self.header_deadline.cancel()
         super().connection_lost(exc)
+
+    def _answer_the_ended_client(self) -> None:
+        if self.transport.is_closing():
+            return
+        if self.conn.their_state is h11.SEND_BODY:  # the body is cut short: the app finds it shorter than
+            self.cycle.more_body = False  # its Content-Length and answers 400 (`_read_body`)
+            self.cycle.message_event.set()
+        elif self.cycle is None or self.cycle.response_complete:  # no request in progress
+            if self.conn.trailing_data[0]:
+                self.transport.write(_CUT_REQUEST)
+            self.transport.close()
+        # else a complete request is being answered; this runs again when its answer is complete
+
+    def reclaimable(self) -> bool:
+        """Whether closing this connection loses no request: it has none in progress."""
+        return self.transport.is_closing() or self.conn.their_state is h11.IDLE
+
+    def _make_room(self) -> None:
+        """A request head has arrived here (uvicorn checks the limit next): close connections without a
+        request in progress, answered ones first, then those that have waited longest, until at most
+        max_connections are open."""
+        excess = len(self.connections) - self.max_connections
+        if excess <= 0:
+            return
+        others = (c for c in self.connections if c is not self and isinstance(c, GuardedH11Protocol))
+        waiting = [c for c in others if c.reclaimable()]
+        waiting.sort(key=lambda c: (not c.transport.is_closing(), c.waiting_since))
+        for victim in waiting[:excess]:  # if too few, every other connection has a request: this one gets 503
+            victim.connections.discard(victim)  # its slot is free now, before the transport reports the close
+            victim.transport.transport.close()
 
     def _arm_header_deadline(self) -> None:
         if self.header_deadline is not None:
@@ -538,11 +708,12 @@ class XVLAServer:
         self.port: int = self.socket.getsockname()[1]
         config = uvicorn.Config(
             app,
-            http=functools.partial(GuardedH11Protocol, linger_s=linger_s),
+            http=functools.partial(GuardedH11Protocol, linger_s=linger_s, max_connections=max_connections),
             lifespan="off",
             log_config=None,  # leave the application's logging configuration alone
             timeout_keep_alive=keep_alive_s,
-            limit_concurrency=max_connections,
+            # uvicorn answers 503 once its count of connections, this one included, reaches the limit.
+            limit_concurrency=max_connections + 1,
             timeout_graceful_shutdown=10,
         )
         self.server = uvicorn.Server(config)

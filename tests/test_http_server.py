@@ -5,6 +5,7 @@ requests."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import http.client
 import importlib.util
@@ -43,7 +44,7 @@ BODY_TIMEOUT_S = 1
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tokenizer_dir):
+def service(tmp_path_factory, tokenizer_dir):
     checkpoint = tmp_path_factory.mktemp("checkpoint")
     config = tiny_config(3, tokenizer_name=tokenizer_dir)
     config.input_features = {CAMERAS[i]: config.input_features[f"observation.images.cam{i}"] for i in range(3)} | {
@@ -52,14 +53,27 @@ def server(tmp_path_factory, tokenizer_dir):
     XVLAPolicy(config).save_pretrained(checkpoint)
     for pipeline in make_xvla_pre_post_processors(config, dataset_stats=STATS):
         pipeline.save_pretrained(checkpoint)
-    limits = {"keep_alive_s": KEEP_ALIVE_S, "body_timeout_s": BODY_TIMEOUT_S, "max_connections": 64}
-    httpd = XVLAServer(XVLAService(checkpoint), port=0, max_request_mb=2, **limits)
+    return XVLAService(checkpoint)
+
+
+@contextlib.contextmanager
+def serving(service: XVLAService, **limits):
+    """An XVLAServer on a free port in a thread; yields the port."""
+    httpd = XVLAServer(service, port=0, max_request_mb=2, **limits)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield httpd.port
-    httpd.shutdown()
-    thread.join(timeout=30)
-    assert not thread.is_alive()
+    try:
+        yield httpd.port
+    finally:
+        httpd.shutdown()
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def server(service):
+    with serving(service, keep_alive_s=KEEP_ALIVE_S, body_timeout_s=BODY_TIMEOUT_S, max_connections=64) as port:
+        yield port
 
 
 def image(seed: int = 0, size=(48, 64)) -> np.ndarray:
@@ -229,6 +243,177 @@ def test_a_refused_client_still_sending_is_drained_then_closed(server, raw):
     status, _, closed_after = refuse_then_keep_sending(server, raw, seconds=LINGER_S + 8)
     assert status in (400, 413)
     assert closed_after is not None and 0.5 <= closed_after <= LINGER_S + 5, closed_after
+
+def half_closed(port: int, raw: bytes, timeout: float = 30) -> bytes:
+    """Send `raw`, end our side (shutdown(SHUT_WR)) and read until the server closes: all it answered."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(raw)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+def status_lines(answer: bytes) -> list[int]:
+    return [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
+
+
+def test_a_half_closed_client_gets_every_answer(server):
+    valid = json.dumps(payload(steps=1)).encode()
+    cut = http_request(valid, headers={"Content-Length": str(len(valid) + 100)})  # 100 bytes short of its length
+    cases = {
+        "GET /health": (http_request(b"", "GET", "/health"), [200]),
+        "valid POST /act": (http_request(valid), [200]),
+        "invalid POST /act": (http_request(b"{}"), [400]),
+        "body shorter than its Content-Length": (cut, [400]),
+        "headers cut off": (b"POST /act HTTP/1.1\r\nHost: x\r\nContent-Le", [400]),
+        "two pipelined requests": (http_request(b"", "GET", "/health") + http_request(valid), [200, 200]),
+    }
+    answers = {name: half_closed(server, raw) for name, (raw, _) in cases.items()}
+    seen = {name: status_lines(answer) for name, answer in answers.items()}
+    assert seen == {name: statuses for name, (_, statuses) in cases.items()}, answers
+    assert answers["body shorter than its Content-Length"].endswith(
+        f"the client ended its side after {len(valid)} of the {len(valid) + 100} body bytes its Content-Length "
+        'declares"}'.encode()
+    )
+    assert answers["valid POST /act"].count(b'"action"') == 1
+
+
+def honest_requests(port: int, seconds: float, act_body: bytes) -> Counter:
+    """GET /health and POST /act alternately, each on a new connection, for `seconds`: the answers by status
+    ("dropped" for a connection closed without an answer)."""
+    seen: Counter = Counter()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for raw, method in ((http_request(b"", "GET", "/health"), "GET"), (http_request(act_body), "POST")):
+            status, _ = exchange(port, raw, method)
+            seen[status or "dropped"] += 1
+    return seen
+
+
+class Squatters:
+    """`count` TCP connections that send nothing, and one that trickles a request header a byte at a time;
+    each is opened again as soon as the server closes it (checked every `every` s), as a client hoarding
+    connections does."""
+
+    def __init__(self, port: int, count: int, every: float = 0.25) -> None:
+        self.port, self.every, self.stop = port, every, threading.Event()
+        self.idle: list[socket.socket] = [self._connect() for _ in range(count)]
+        self.trickler, self.trickled = self._connect(), 0
+        self.reopened = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        sock.setblocking(False)
+        return sock
+
+    @staticmethod
+    def _closed(sock: socket.socket) -> bool:
+        try:
+            return sock.recv(65536) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def _run(self) -> None:
+        header = b"POST /act HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Slow: " + b"a" * 10_000
+        while not self.stop.wait(self.every):
+            for index, sock in enumerate(self.idle):
+                if self._closed(sock):
+                    sock.close()
+                    self.idle[index] = self._connect()
+                    self.reopened += 1
+            try:
+                self.trickler.send(header[self.trickled % len(header) : self.trickled % len(header) + 1])
+                self.trickled += 1
+            except OSError:
+                self.trickler.close()
+                self.trickler, self.trickled = self._connect(), 0
+                self.reopened += 1
+
+    def __enter__(self) -> Squatters:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        for sock in (*self.idle, self.trickler):
+            sock.close()
+
+
+@pytest.mark.parametrize("idle", [31, 64])
+def test_idle_and_trickling_connections_do_not_lock_out_clients(service, idle, capsys):
+    # The limits of `lerobot-xvla serve`: 32 connections, 5 s for a request's headers.
+    with serving(service) as port, Squatters(port, idle) as squatters:
+        time.sleep(0.5)  # every squatter connected and waiting
+        act_body = json.dumps(payload(steps=1)).encode()
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            results = list(pool.map(honest_requests, [port] * 3, [3.0] * 3, [act_body] * 3))
+        seen = sum(results, Counter())
+    with capsys.disabled():
+        print(f"\n{idle} idle sockets and a trickling client (reopened {squatters.reopened} times): honest clients "
+              f"got {dict(seen)}")
+    assert set(seen) == {200} and seen[200] >= 6, seen
+
+
+def test_clients_above_the_connection_limit_get_503(service):
+    body = json.dumps(payload(steps=1)).encode()
+    with serving(service, max_connections=4, body_timeout_s=20) as port:
+        holders = []  # four connections with a request in progress: their bodies have not all arrived
+        for _ in range(4):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+            sock.sendall(http_request(body)[:-10])
+            holders.append(sock)
+        time.sleep(0.5)  # the server has taken the four requests
+        above = Counter(exchange(port, http_request(b"", "GET", "/health"), "GET")[0] for _ in range(6))
+        answers = []
+        for sock in holders:  # the four requests were served, not refused
+            sock.sendall(b"x" * 10)
+            response = http.client.HTTPResponse(sock, method="POST")
+            response.begin()
+            answers.append(response.status)
+            response.read()
+            sock.close()
+        after = exchange(port, http_request(b"", "GET", "/health"), "GET")[0]
+    assert (above, answers, after) == (Counter({503: 6}), [400] * 4, 200)
+
+
+def test_three_4096_pixel_pngs_are_decoded_within_the_documented_memory(server, capsys):
+    # Each 4096x4096 PNG (61 kB) must be decoded once at full size (PNG has no reduced decoding); the server
+    # decodes one image at a time and resizes it as uint8 before anything else sees it.
+    big = png_bomb(4096, 64)
+    body = json.dumps({**payload(), **{field: encoded(big) for field in ("image0", "image1", "image2")}}).encode()
+    process, peak, done = psutil.Process(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(0.002)
+
+    post(server, json.dumps(payload()).encode())  # warm
+    sampler = threading.Thread(target=sample)
+    baseline = process.memory_info().rss
+    sampler.start()
+    start = time.perf_counter()
+    try:
+        status, reply = post(server, body)
+    finally:
+        seconds = time.perf_counter() - start
+        done.set()
+        sampler.join()
+    growth_mb = (peak[0] - baseline) / 2**20
+    with capsys.disabled():
+        print(f"\n/act with three 4096x4096 PNGs ({len(body) / 2**20:.2f} MB body): RSS +{growth_mb:.0f} MB, "
+              f"{seconds:.2f} s")
+    assert status == 200, reply
+    # One decoded image at 4 bytes a pixel (64 MB), and the body and its parse: three images at once or any
+    # float copy at full size (192 MB an image) would exceed it.
+    assert growth_mb < 130, growth_mb
+
 
 @pytest.mark.parametrize(
     ("method", "path", "status"),
