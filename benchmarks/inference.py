@@ -1,6 +1,7 @@
 """Latency of one action chunk: lerobot_xvla against LeRobot's built-in X-VLA, same weights, same run.
 
     python benchmarks/inference.py [--repeats 3] [--device cpu] [--compile] [--plot benchmarks/inference_cpu.png]
+                                   [--variants "builtin bf16,ours bf16"]
 
 X-VLA-0.9B, 3 camera views at 224 x 224, 50 text tokens, 10 denoising steps, batch 1, ee6d. Both
 implementations get the same random weights (ours loads the built-in's state dict through the checkpoint
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="also time ours compiled")
     parser.add_argument("--plot", help="write a bar chart of the latencies to this PNG")
+    parser.add_argument("--variants", help="comma-separated variants to time (default: all); builtin fp32 always gives the reference chunk")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     modes = ["default"] + (["reduce-overhead"] if args.device == "cuda" else []) if args.compile else []
@@ -111,18 +113,25 @@ def main() -> None:
         first_call[name] = seconds
         reference = actions if reference is None else reference
         diffs[name] = (actions - reference).abs().max().item()
+    if args.variants:
+        timed = [name.strip() for name in args.variants.split(",")]
+        unknown = sorted(set(timed) - set(policies))
+        if unknown:
+            parser.error(f"--variants: unknown {unknown}; choose from {list(policies)}")
+        times = {name: times[name] for name in timed}
     for _ in range(args.repeats):
-        for name, policy in policies.items():
-            times[name].append(chunk(policy, batch, args.device)[1])
+        for name in times:
+            times[name].append(chunk(policies[name], batch, args.device)[1])
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(f"device: {device}, torch {torch.__version__}, 3 views 224x224, 10 steps, batch 1")
-    print("\n| variant | latency per chunk (s) | vs built-in at the same precision | first call (s) | max abs diff vs built-in fp32 |")
+    print("\n| variant | latency per chunk (s), median (min) | vs built-in at the same precision | first call (s) | max abs diff vs built-in fp32 |")
     print("|---|---|---|---|---|")
     medians = {name: statistics.median(values) for name, values in times.items()}
     for name, median in medians.items():
-        baseline = medians["builtin bf16" if "bf16" in name else "builtin fp32"]
-        print(f"| {name} | {median:.3f} | {baseline / median:.2f}x | {first_call[name]:.1f} | {diffs[name]:.1e} |")
+        baseline = medians.get("builtin bf16" if "bf16" in name else "builtin fp32")
+        ratio = f"{baseline / median:.2f}x" if baseline else "-"
+        print(f"| {name} | {median:.3f} (min {min(times[name]):.3f}) | {ratio} | {first_call[name]:.1f} | {diffs[name]:.1e} |")
     print(json.dumps({"device": device, "median_s": medians, "max_abs_diff": diffs}))
     if args.plot:
         plot_latencies(medians, args.plot, f"X-VLA-0.9B, 10 steps, 3 views ({device})")
