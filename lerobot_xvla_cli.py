@@ -103,19 +103,20 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "info":
         return cli.info()
-    if args.command in ("convert", "export"):
-        try:
-            if args.command == "convert":
-                cli.convert(args.source, args.destination, args.device, args.overwrite)
-            else:
-                cli.export(args.source, args.destination, args.int8, args.overwrite)
-        except cli.ConvertRefused as error:
-            print(f"lerobot-xvla {args.command}: error: {error}", file=sys.stderr)
-            return 2
-    else:
-        from lerobot_xvla.http_server import serve
+    from lerobot_xvla.modeling_xvla import CheckpointNotFoundError
 
-        serve(args.checkpoint, args.host, args.port, args.device, args.max_request_mb)
+    try:
+        if args.command == "convert":
+            cli.convert(args.source, args.destination, args.device, args.overwrite)
+        elif args.command == "export":
+            cli.export(args.source, args.destination, args.int8, args.overwrite)
+        else:
+            from lerobot_xvla.http_server import serve
+
+            serve(args.checkpoint, args.host, args.port, args.device, args.max_request_mb)
+    except (cli.ConvertRefused, CheckpointNotFoundError) as error:
+        print(f"lerobot-xvla {args.command}: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -615,6 +615,8 @@ class XVLAPolicy(PreTrainedPolicy):
         )
         if config is None:
             config = load_config(directory)
+        if config.inference_backend != "onnxruntime" and not (directory / "model.safetensors").is_file():
+            raise CheckpointNotFoundError(f"{str(directory)!r} has a config.json but no model.safetensors: not a complete X-VLA checkpoint")
         if config.inference_backend == "onnxruntime":  # `lerobot-xvla export`: two ONNX graphs, no torch weights
             policy = cls(config, **kwargs)
             policy.model.load_graphs(directory)
@@ -656,14 +658,14 @@ def load_config(directory: Path, **kwargs: Any) -> XVLAConfig:
 
 
 def load_for_inference(checkpoint: str | Path, device: str = "cpu", **config_overrides: Any) -> tuple[XVLAPolicy, Any, Any]:
-    """(policy, preprocessor, postprocessor) of a local checkpoint directory, on `device`.
+    """(policy, preprocessor, postprocessor) of a checkpoint directory or Hub id, on `device`.
 
     config_overrides set config fields before the policy is built (n_action_steps, rtc_guidance, ...).
     Checkpoints in the original format carry no processor files: fresh processors are built (no normalisation).
     """
     from lerobot.policies import factory  # looked up at call time: the make_pre_post_processors we wrap
 
-    checkpoint = Path(checkpoint)
+    checkpoint = _checkpoint_directory(checkpoint)
     config = load_config(checkpoint)
     config.device = device
     for name, value in config_overrides.items():
@@ -678,26 +680,53 @@ def load_for_inference(checkpoint: str | Path, device: str = "cpu", **config_ove
     return policy, preprocessor, postprocessor
 
 
+class CheckpointNotFoundError(FileNotFoundError):
+    """A checkpoint name that is neither an X-VLA checkpoint directory nor a Hub checkpoint that can be had."""
+
+
 def _checkpoint_directory(name_or_path: str | Path, **hub_kwargs: Any) -> Path:
     """A local directory holding config.json, model.safetensors and, where the checkpoint has them, its
-    processor and tokenizer files (downloaded from the Hub if needed)."""
-    if os.path.isdir(name_or_path):
-        return Path(name_or_path)
+    processor and tokenizer files (downloaded from the Hub if needed). Anything else raises
+    CheckpointNotFoundError saying which it is: a missing path, a file, a directory without config.json, a Hub
+    id not in the offline cache or not on the Hub."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
 
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointNotFoundError(f"{str(name_or_path)!r} is a directory but not an X-VLA checkpoint: it has no config.json")
+        return path
+    if path.exists():
+        raise CheckpointNotFoundError(f"{str(name_or_path)!r} is a file; expected a checkpoint directory (config.json, model.safetensors) or a Hub id")
+    try:
+        validate_repo_id(str(name_or_path))
+    except HFValidationError:
+        raise CheckpointNotFoundError(f"{str(name_or_path)!r} does not exist (and is not a Hub id)") from None
     hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
-    return Path(
-        snapshot_download(
-            repo_id=str(name_or_path),
-            allow_patterns=[
-                "config.json",
-                "model.safetensors",
-                "*.json",
-                "*.txt",
-                f"{POLICY_PREPROCESSOR_DEFAULT_NAME}*",
-                f"{POLICY_POSTPROCESSOR_DEFAULT_NAME}*",
-                f"{TOKENIZER_DIR}/*",
-            ],
-            **hub_kwargs,
+    try:
+        return Path(
+            snapshot_download(
+                repo_id=str(name_or_path),
+                allow_patterns=[
+                    "config.json",
+                    "model.safetensors",
+                    "*.json",
+                    "*.txt",
+                    f"{POLICY_PREPROCESSOR_DEFAULT_NAME}*",
+                    f"{POLICY_POSTPROCESSOR_DEFAULT_NAME}*",
+                    f"{TOKENIZER_DIR}/*",
+                ],
+                **hub_kwargs,
+            )
         )
-    )
+    except LocalEntryNotFoundError:
+        raise CheckpointNotFoundError(
+            f"{str(name_or_path)!r} is not a directory here, and as a Hub id it is not in the local Hugging Face cache "
+            "(offline: HF_HUB_OFFLINE=1, or the Hub cannot be reached)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise CheckpointNotFoundError(
+            f"{str(name_or_path)!r} is not a directory here, nor a Hub repository you can read (private ones need `hf auth login`)"
+        ) from None

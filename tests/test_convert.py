@@ -150,6 +150,35 @@ def refused(capsys, *args: str) -> str:
     return captured.err
 
 
+@pytest.mark.parametrize("command", ["convert", "export", "serve"])
+def test_a_source_that_is_not_a_checkpoint_is_named_in_one_line(command, source, tmp_path, capsys, monkeypatch):
+    """A missing path, a file, a directory without config.json, one without weights, a Hub id that is neither
+    here nor in the offline cache: each is said in one line, exit status 2, nothing written."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "file.json").write_text("{}")
+    (tmp_path / "not_a_checkpoint").mkdir()
+    weightless = tmp_path / "weightless"
+    shutil.copytree(source, weightless)
+    (weightless / "model.safetensors").unlink()
+    cases = {
+        str(tmp_path / "missing"): f"'{tmp_path / 'missing'}' does not exist (and is not a Hub id)",
+        str(tmp_path / "file.json"): f"'{tmp_path / 'file.json'}' is a file; expected a checkpoint directory (config.json, model.safetensors) or a Hub id",
+        str(tmp_path / "not_a_checkpoint"): f"'{tmp_path / 'not_a_checkpoint'}' is a directory but not an X-VLA checkpoint: it has no config.json",
+        str(weightless): f"'{weightless}' has a config.json but no model.safetensors: not a complete X-VLA checkpoint",
+        "outputs/nope": "'outputs/nope' is not a directory here, and as a Hub id it is not in the local Hugging Face cache "
+                        "(offline: HF_HUB_OFFLINE=1, or the Hub cannot be reached)",
+    }
+    for name, message in cases.items():
+        destination = tmp_path / "destination"
+        argv = [command, name] + ([str(destination)] if command != "serve" else ["--port", "0"])
+        assert cli_main(argv) == 2, name
+        captured = capsys.readouterr()
+        assert captured.err == f"lerobot-xvla {command}: error: {message}\n"
+        assert not destination.exists()
+
+
 def test_convert_refuses_its_source_as_destination(source, tmp_path, capsys):
     before = files(source)
     (tmp_path / "link").symlink_to(source)
