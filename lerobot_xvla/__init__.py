@@ -3,17 +3,20 @@
 Importing the package makes `--policy.type=xvla` and `xvla` checkpoints resolve to this implementation
 (`lerobot_xvla.registration`; `LEROBOT_XVLA_BUILTIN=1` keeps LeRobot's built-in X-VLA), and registers the
 main job's PushT variant with gymnasium (`demo_pusht.py`), so `lerobot-eval --env.task=PushTReach-v0` runs, and the
-simulated SO101 arms with LeRobot and gymnasium (`envs/`), so `lerobot-eval --env.type=so101_reach` runs.
+simulated SO101 arms with LeRobot and gymnasium (`envs/`), so `lerobot-eval --env.type=so101_reach` runs. It also
+shortens LeRobot 0.6's report of a torchcodec without FFmpeg to one line (`compat.quiet_video_backend_report`).
 """
 
 __version__ = "0.1.0"
 
 from .action_modes import ACTION_MODES, ActionMode, build_action_mode, register_action_mode
+from .compat import quiet_video_backend_report
 from .configuration_xvla import XVLAConfig, XVLAConfigError
 from .demo_pusht import register_reach_env
 from .envs import register_gym_envs
 from .registration import builtin_xvla, install
 
+quiet_video_backend_report()
 install()
 register_reach_env()
 register_gym_envs()

@@ -13,6 +13,10 @@ What differs between the two, as far as the plugin is concerned:
 * the training state helpers moved from `lerobot.utils.train_utils` to `lerobot.common.train_utils`, the
   image transforms from `lerobot.datasets.transforms` to `lerobot.transforms.transforms`, and
   `TrainPipelineConfig.eval_freq` became `env_eval_freq` (so the ready configs set neither).
+* choosing a video decoder: LeRobot 0.6.x tries to import torchcodec each time a config or dataset picks its
+  default decoder, and where FFmpeg's shared libraries are missing it logs torchcodec's whole loading report
+  (five tracebacks) each time, a dozen times in one lerobot-train run, before falling back to pyav, which works.
+  `quiet_video_backend_report` makes that one INFO line, once.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import logging
 
 from packaging.version import Version
 
@@ -52,6 +57,34 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+class _VideoBackendReport(logging.Filter):
+    """Replaces LeRobot's report of a torchcodec that cannot load with one line, and drops its repeats."""
+
+    FALLBACK = "'torchcodec' is installed but cannot be loaded"
+    NOTICE = "torchcodec cannot load FFmpeg's shared libraries (4 to 8) here; LeRobot decodes videos with pyav instead"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.FALLBACK not in str(record.msg):
+            return True
+        if self.said:
+            return False
+        self.said = True
+        record.msg, record.args, record.exc_info = self.NOTICE, (), None
+        record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        return True
+
+
+def quiet_video_backend_report() -> None:
+    """Install `_VideoBackendReport` on the logger of LeRobot's decoder choice (idempotent)."""
+    chooser = logging.getLogger("lerobot.utils.import_utils")
+    if not any(isinstance(f, _VideoBackendReport) for f in chooser.filters):
+        chooser.addFilter(_VideoBackendReport())
+
+
 def supported() -> bool:
     low, high = SUPPORTED_LEROBOT
     return low <= LEROBOT_VERSION < high
@@ -66,6 +99,7 @@ __all__ = [
     "SAVED_LAYOUT",
     "SUPPORTED_LEROBOT",
     "load_training_state",
+    "quiet_video_backend_report",
     "save_training_state",
     "supported",
 ]

@@ -148,3 +148,37 @@ def test_cli_help_imports_neither_torch_nor_lerobot(command):
     assert bool(entries) == (command in COMMANDS_WITH_OPTIONS)
     for entry in entries:
         assert "(default: " in " ".join(entry.split()), entry
+
+
+def test_lerobot_help_prints_no_traceback():
+    """`lerobot-train --help` and `lerobot-eval --help` with the plugin installed: no traceback, and at most one
+    line about the video decoder (LeRobot 0.6 logs torchcodec's five-traceback loading report a dozen times
+    where FFmpeg's libraries are missing, as on this test machine)."""
+    from conftest import lerobot
+
+    for name in ("lerobot-train", "lerobot-eval"):
+        output = lerobot(name, "--help")
+        assert "Traceback" not in output, output[:3000]
+        assert output.count("libtorchcodec") == 0 and output.count("Falling back to 'pyav'") == 0, output[:3000]
+        assert "usage: " + name in output
+
+
+def test_the_video_backend_report_is_one_line_once(caplog, monkeypatch):
+    """The filter itself, on the message LeRobot 0.6's decoder choice logs (whatever FFmpeg this machine has)."""
+    import logging
+
+    from lerobot_xvla.compat import _VideoBackendReport
+
+    chooser = logging.getLogger("lerobot.utils.import_utils")
+    (report_filter,) = [f for f in chooser.filters if isinstance(f, _VideoBackendReport)]
+    monkeypatch.setattr(report_filter, "said", False)  # as in a new process, whatever earlier tests logged
+    report = "Could not load libtorchcodec.\nTraceback (most recent call last):\n  ...\nOSError: libavutil.so.60"
+    with caplog.at_level(logging.INFO, logger=chooser.name):
+        for _ in range(3):
+            chooser.warning(f"{report}\n'torchcodec' is installed but cannot be loaded (see the error above). Falling back to 'pyav' as a default decoder.")
+        chooser.warning("another warning of that module")
+    records = [r for r in caplog.records if r.name == chooser.name]
+    assert [(r.levelname, r.getMessage()) for r in records] == [
+        ("INFO", "torchcodec cannot load FFmpeg's shared libraries (4 to 8) here; LeRobot decodes videos with pyav instead"),
+        ("WARNING", "another warning of that module"),
+    ]
