@@ -9,8 +9,6 @@ import subprocess
 import threading
 import time
 
-from lerobot.async_inference.configs import RobotClientConfig
-from lerobot.async_inference.robot_client import RobotClient
 from lerobot.robots.bi_so_follower import BiSOFollowerConfig
 from lerobot.robots.so_follower import SOFollowerConfig
 
@@ -47,7 +45,13 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 120) ->
     raise TimeoutError(f"no policy server on port {port}")
 
 
-def test_policy_server_drives_the_robot_client(checkpoint, robot, tmp_path):
+def test_policy_server_drives_the_robot_client(checkpoint, robot, tmp_path, monkeypatch):
+    # RobotClient opens logs/robot_client_<time>.log in the working directory when its module is imported
+    # (a class attribute), so it is imported here, from the test's own directory, not the checkout's.
+    monkeypatch.chdir(tmp_path)
+    from lerobot.async_inference.configs import RobotClientConfig
+    from lerobot.async_inference.robot_client import RobotClient
+
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     server = subprocess.Popen(
