@@ -121,13 +121,18 @@ class ActionMode:
         keep[channels] = 0
         return x * keep
 
+    @property
+    def chunk_width(self) -> int:
+        """Width of the chunks `decode` returns (what predict_action_chunk gives, and LeRobot's RTC hands back)."""
+        return self.action_dim
+
     def decode(self, pred: torch.Tensor) -> torch.Tensor:
-        """Network output [B, T, dim_action] -> actions in dataset units [B, T, action_dim]."""
+        """Network output [B, T, dim_action] -> actions in dataset units [B, T, chunk_width]."""
         if self.logit_channels:
             idx = list(self.logit_channels)
             pred = pred.clone()
             pred[..., idx] = torch.sigmoid(pred[..., idx])
-        return pred[..., : self.action_dim]
+        return pred[..., : self.chunk_width]
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """pred, target [B, T, dim_action]; valid [B, T] or None -> named, already weighted loss terms."""
@@ -182,6 +187,10 @@ class SO101EE6DActionMode(EE6DActionMode):
             self.masked_channels = (self.GRIPPERS[0], *range(10, 20))
             self.logit_channels = self.GRIPPERS[:1]
             self.POSITION, self.ROTATION, self.GRIPPERS = self.POSITION[:1], self.ROTATION[:1], self.GRIPPERS[:1]
+
+    @property
+    def chunk_width(self) -> int:
+        return self.dim_action
 
     def decode(self, pred: torch.Tensor) -> torch.Tensor:
         pred = pred.clone()

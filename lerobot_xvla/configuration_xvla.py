@@ -324,19 +324,7 @@ class XVLAConfig(PreTrainedConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check_numbers()
-        self._check_choices()
-        self._check_architecture()
-        self._check_domains()
-        self._check_execution()
-        mode = get_action_mode_class(self.action_mode)
-        if self.normalization_mapping is None:
-            self.normalization_mapping = {
-                "VISUAL": NormalizationMode.IDENTITY,
-                "STATE": mode.default_normalization,
-                "ACTION": mode.default_normalization,
-            }
-        self._check_normalization()
+        self.validate()
         if self.optimizer_soft_prompt_warmup_lr_scale is not None:
             logger.warning(
                 "optimizer_soft_prompt_warmup_lr_scale is a LeRobot built-in field that lerobot_xvla ignores; "
@@ -346,6 +334,23 @@ class XVLAConfig(PreTrainedConfig):
     # ----------------------------------------------------------------------------------------------------
     # Validation: every message names the field and what it takes (XVLAConfigError, see there why)
     # ----------------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check every field (what building the config does; run it again after setting fields by hand).
+        An unset normalization_mapping becomes the action mode's default."""
+        self._check_numbers()
+        self._check_choices()
+        self._check_architecture()
+        self._check_domains()
+        self._check_execution()
+        if self.normalization_mapping is None:
+            mode = get_action_mode_class(self.action_mode)
+            self.normalization_mapping = {
+                "VISUAL": NormalizationMode.IDENTITY,
+                "STATE": mode.default_normalization,
+                "ACTION": mode.default_normalization,
+            }
+        self._check_normalization()
+
     def _check_numbers(self) -> None:
         for name, low in _INT_MINIMUM.items():
             value = getattr(self, name)

@@ -40,6 +40,22 @@ def guidance_weights(overlap: int, horizon: int, inference_delay: int = 0, rtc: 
     return rtc.get_prefix_weights(inference_delay, overlap, horizon)
 
 
+def check_rtc_leftover(leftover: Tensor, inference_delay: int | None, width: int, horizon: int, batch_size: int) -> None:
+    """Refuse, by name, an RTC leftover [T, width] / [B or 1, T, width] or inference_delay this policy cannot use:
+    padded or cropped, a leftover of another width would guide the wrong channels."""
+    if not isinstance(leftover, Tensor) or leftover.ndim not in (2, 3):
+        shape = tuple(leftover.shape) if isinstance(leftover, Tensor) else type(leftover).__name__
+        raise ValueError(f"prev_chunk_left_over must be a tensor [T, {width}] or [B, T, {width}], got {shape}")
+    if leftover.shape[-1] != width:
+        raise ValueError(f"prev_chunk_left_over has {leftover.shape[-1]} values per action; this policy's chunks have {width}")
+    if leftover.ndim == 3 and leftover.shape[0] not in (1, batch_size):
+        raise ValueError(f"prev_chunk_left_over has a batch of {leftover.shape[0]} for observations of batch {batch_size}")
+    if leftover.device.type == "cpu" and not bool(torch.isfinite(leftover).all()):
+        raise ValueError("prev_chunk_left_over holds NaN or inf")
+    if inference_delay is not None and (isinstance(inference_delay, bool) or not isinstance(inference_delay, int) or not 0 <= inference_delay <= horizon):
+        raise ValueError(f"inference_delay must be a whole number of steps in 0..{horizon} (chunk_size), got {inference_delay!r}")
+
+
 def lerobot_rtc_guidance(
     prev_chunk_left_over: Tensor, inference_delay: int, horizon: int, rtc_config: RTCConfig | None
 ) -> tuple[Tensor, Tensor]:

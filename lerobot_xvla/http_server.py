@@ -104,15 +104,15 @@ except ModuleNotFoundError as missing:
         f"the X-VLA /act server needs {missing.name}: pip install 'lerobot_policy_xvla[serve]'", name=missing.name
     ) from missing
 
+from .processor_xvla import MAX_STATE_ABS
+
 logger = logging.getLogger(__name__)
 
 CAMERA_FIELDS = ("image0", "image1", "image2")
 MAX_STEPS = 100
 MAX_IMAGE_SIDE = 4096
 MAX_INSTRUCTION_CHARS = 2000
-# Robot states (metres, radians, degrees, encoder ticks) are far smaller; values near 1e19 overflow the
-# model's float32 arithmetic (a LayerNorm squares them) and give NaN actions.
-MAX_PROPRIO_ABS = 1e6
+MAX_PROPRIO_ABS = MAX_STATE_ABS  # the preprocessor's bound on state values (processor_xvla.py says why)
 ARRAY_DTYPES = {"|u1": np.uint8, "<f4": np.float32, "<f8": np.float64, "<i4": np.int32, "<i8": np.int64}
 MAX_ARRAY_ELEMENTS = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE * 3
 KEEP_ALIVE_S = 5

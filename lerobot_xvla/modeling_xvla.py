@@ -15,6 +15,7 @@ writes every checkpoint layout (`lerobot_xvla.checkpoints`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -41,10 +42,10 @@ from torch.utils.checkpoint import checkpoint
 from . import __version__
 from .action_modes import build_action_mode
 from .checkpoints import checkpoint_florence_config, is_original_config, load_state_dict_strict, original_config_to_lerobot, to_saved_layout
-from .configuration_xvla import XVLAConfig
-from .execution import ChunkExecutor, lerobot_rtc_guidance
+from .configuration_xvla import XVLAConfig, XVLAConfigError
+from .execution import ChunkExecutor, check_rtc_leftover, lerobot_rtc_guidance
 from .florence import build_florence_encoder, encode_views, projection_dim
-from .processor_xvla import TOKENIZER_DIR, normalized_pixel_range, resolve_tokenizer_name
+from .processor_xvla import TOKENIZER_DIR, normalized_pixel_range, resolve_tokenizer_name, whole_domain_ids
 from .soft_transformer import SoftPromptedTransformer
 from .training import parameter_groups, resample_anchors
 
@@ -401,7 +402,7 @@ class XVLAPolicy(PreTrainedPolicy):
         key = next((k for k in (self.config.domain_feature_key, DOMAIN_ID) if k and k in batch), None)
         if key is None:
             return torch.full((batch_size,), self.config.default_domain_id, dtype=torch.long, device=device)
-        ids = torch.as_tensor(batch[key]).long().reshape(-1)
+        ids = whole_domain_ids(batch[key], key).reshape(-1)
         if ids.numel() == 1:
             ids = ids.expand(batch_size)
         if ids.numel() != batch_size:
@@ -540,13 +541,18 @@ class XVLAPolicy(PreTrainedPolicy):
         that lerobot-rollout sets is disabled: LeRobot then queues the new chunk after the leftover, not over it.
         """
         self.eval()
+        if steps is None:
+            steps = self.config.num_denoising_steps
+        elif isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps (denoising steps) must be a whole number >= 1, got {steps!r}")
+        inputs = self._build_model_inputs(batch, absent_cameras)
         rtc_config = getattr(self.config, "rtc_config", None)  # set by lerobot-rollout --inference.type=rtc
         if prev_chunk_left_over is not None and (rtc_config is None or rtc_config.enabled):
             if guidance is not None:
                 raise ValueError("pass either guidance or prev_chunk_left_over (LeRobot's RTC), not both")
-            guidance = lerobot_rtc_guidance(prev_chunk_left_over, inference_delay or 0, self.config.chunk_size, rtc_config)
-        inputs = self._build_model_inputs(batch, absent_cameras)
-        steps = steps or self.config.num_denoising_steps
+            horizon = self.config.chunk_size
+            check_rtc_leftover(prev_chunk_left_over, inference_delay, self.model.action_mode.chunk_width, horizon, inputs["input_ids"].shape[0])
+            guidance = lerobot_rtc_guidance(prev_chunk_left_over, inference_delay or 0, horizon, rtc_config)
         with self._autocast(inputs["image_input"].device):
             actions = self.model.generate_actions(**inputs, steps=steps, noise=noise, guidance=guidance)
         return actions.float()
@@ -668,8 +674,12 @@ def load_for_inference(checkpoint: str | Path, device: str = "cpu", **config_ove
     checkpoint = _checkpoint_directory(checkpoint)
     config = load_config(checkpoint)
     config.device = device
+    fields = {f.name for f in dataclasses.fields(config)}
     for name, value in config_overrides.items():
+        if name not in fields:
+            raise XVLAConfigError(f"load_for_inference got {name}={value!r}, which is not an XVLAConfig field")
         setattr(config, name, value)
+    config.validate()
     policy = XVLAPolicy.from_pretrained(checkpoint, config=config)
     saved = (checkpoint / f"{POLICY_PREPROCESSOR_DEFAULT_NAME}.json").exists()
     preprocessor, postprocessor = factory.make_pre_post_processors(

@@ -58,6 +58,9 @@ logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Robot states (metres, radians, degrees, encoder ticks) are far smaller; values near 1e19 overflow the model's
+# float32 arithmetic (a LayerNorm squares them) and larger ones give actions that ignore the observation.
+MAX_STATE_ABS = 1e6
 
 
 def imagenet_stats(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,6 +211,9 @@ class StateCheckStep(_ObservationStep):
         if state.device.type == "cpu" and not bool(torch.isfinite(state).all()):
             bad = (~torch.isfinite(state)).nonzero()[:, -1].unique().tolist()
             raise ValueError(f"'{OBS_STATE}' holds NaN or inf at indices {bad}; refusing to act on it")
+        if state.device.type == "cpu" and bool((state.abs() > MAX_STATE_ABS).any()):
+            bad = (state.abs() > MAX_STATE_ABS).nonzero()[:, -1].unique().tolist()
+            raise ValueError(f"'{OBS_STATE}' holds values beyond +-{MAX_STATE_ABS:g} at indices {bad}; robot states are far smaller, refusing to act on it")
         return observation
 
     def get_config(self) -> dict[str, Any]:
@@ -231,13 +237,13 @@ class DefaultTaskStep(ProcessorStep):
         texts = complementary.get("task")
         single = texts is None or isinstance(texts, str)
         texts = [texts] if single else list(texts)
-        if all(texts):
+        if all(text and text.strip() for text in texts):
             return transition
         if self.task is None:
             self._log_once(logging.WARNING, "X-VLA got an empty instruction and has no default_task: it acts on an empty instruction")
             return transition
         self._log_once(logging.INFO, f"X-VLA: no task text in the observation; using the instruction it was trained with, {self.task!r} (policy.default_task)")
-        filled = [text or self.task for text in texts]
+        filled = [text if text and text.strip() else self.task for text in texts]
         complementary["task"] = filled[0] if single else filled
         transition = transition.copy()
         transition[TransitionKey.COMPLEMENTARY_DATA] = complementary
@@ -253,6 +259,16 @@ class DefaultTaskStep(ProcessorStep):
 
     def get_config(self) -> dict[str, Any]:
         return {"task": self.task}
+
+
+def whole_domain_ids(values: Any, name: str) -> torch.Tensor:
+    """Domain ids as a long tensor; values that are not whole numbers are refused (2.7 would become domain 2)."""
+    ids = torch.as_tensor(values)
+    if ids.dtype == torch.bool or ids.is_complex():
+        raise ValueError(f"'{name}' holds domain ids of dtype {ids.dtype}; expected whole numbers")
+    if ids.is_floating_point() and ids.device.type == "cpu" and not bool((torch.isfinite(ids) & (ids == ids.round())).all()):
+        raise ValueError(f"'{name}' holds domain ids {ids.reshape(-1).tolist()} that are not whole numbers")
+    return ids.long()
 
 
 @dataclass
@@ -273,12 +289,12 @@ class AddDomainIdStep(ProcessorStep):
         complementary = dict(transition.get(TransitionKey.COMPLEMENTARY_DATA) or {})
         batch_size = next((v.shape[0] for v in observation.values() if isinstance(v, torch.Tensor) and v.ndim), 1)
         if self.feature_key is None:
-            ids = torch.full((batch_size,), int(self.domain_id), dtype=torch.long)
+            ids = whole_domain_ids(self.domain_id, "domain_id").expand(batch_size).clone()
         else:
             source = observation if self.feature_key in observation else complementary
             if self.feature_key not in source:
                 raise ValueError(f"domain_feature_key '{self.feature_key}' is not in the batch")
-            ids = torch.as_tensor(source[self.feature_key]).reshape(batch_size, -1)[:, 0].long()
+            ids = whole_domain_ids(source[self.feature_key], self.feature_key).reshape(batch_size, -1)[:, 0]
         if self.num_domains is not None and ids.device.type == "cpu":
             if bool(((ids < 0) | (ids >= self.num_domains)).any()):
                 raise ValueError(f"domain ids {ids.tolist()} are outside [0, num_domains={self.num_domains})")

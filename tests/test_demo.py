@@ -113,3 +113,45 @@ def test_wilson_interval_matches_the_published_formula():
     assert wilson_interval(20, 20) == pytest.approx((0.8389, 1.0), abs=5e-5)
     with pytest.raises(ValueError, match="needs trials > 0, got 0"):
         wilson_interval(0, 0)
+
+
+def test_reach_geometry_is_pinned_to_gym_pushts_own_shapes():
+    """What the README's closed-loop figures rest on, measured on gym_pusht's own pymunk bodies rather than on
+    the constants that define the task: touching is a gap of at most 2 px between the agent's disc and the T
+    (1.5 px succeeds, 2.5 px does not); over 300 seeds the T's centre of mass spans 90-422 px in x and y, the T
+    stays on the 512 px table and the agent starts 120 px or more from that centre, inside 50-462 px."""
+    import shapely.geometry as sg
+    import shapely.ops
+
+    env = make_pusht_env()
+    pusht = env.unwrapped
+
+    def block_shape():
+        block = pusht.block
+        return shapely.ops.unary_union([sg.Polygon([tuple(block.local_to_world(v)) for v in s.get_vertices()]) for s in block.shapes])
+
+    env.reset(seed=0, options={"reset_to_state": [40.0, 40.0, 256.0, 256.0, 0.0]})
+    (disc,) = pusht.agent.shapes
+    t_shape, centre = block_shape(), np.array(pusht.block.local_to_world(pusht.block.center_of_gravity))
+    for gap, touching in ((1.5, True), (2.5, False)):
+        low, high = 0.0, 300.0  # bisect along +x from the centre of mass for the point `gap` px from the T
+        for _ in range(60):
+            middle = (low + high) / 2
+            low, high = (middle, high) if t_shape.distance(sg.Point(*(centre + [middle, 0.0]))) - disc.radius < gap else (low, middle)
+        agent = centre + [low, 0.0]
+        env.reset(seed=0, options={"reset_to_state": [*agent, 256.0, 256.0, 0.0]})
+        _, reward, terminated, _, info = env.step(agent)
+        assert (info["is_success"], terminated, reward) == (touching, touching, float(touching)), gap
+
+    centres = []
+    for seed in range(300):
+        _, info = env.reset(seed=seed)
+        centre = np.array(pusht.block.local_to_world(pusht.block.center_of_gravity))
+        centres.append(centre)
+        minx, miny, maxx, maxy = block_shape().bounds
+        assert minx >= 0 and miny >= 0 and maxx <= 512 and maxy <= 512, seed
+        agent = np.array(pusht.agent.position)
+        assert np.linalg.norm(agent - centre) >= 120 and (agent >= 50).all() and (agent <= 462).all(), seed
+    centres = np.array(centres)
+    assert (centres >= 90).all() and (centres <= 422).all()
+    assert (centres.min(axis=0) < 95).all() and (centres.max(axis=0) > 417).all()

@@ -670,3 +670,38 @@ def test_missing_serve_extra_names_the_install_command(monkeypatch):
     message = "the X-VLA /act server needs fastapi: pip install 'lerobot_policy_xvla[serve]'"
     with pytest.raises(ModuleNotFoundError, match=re.escape(message)):
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+@pytest.mark.parametrize(("domain", "status"), [(-1, 400), (0, 200), (7, 200), (8, 400)])
+def test_domain_id_boundaries_through_act(server, domain, status):
+    """-1, 0, N-1 and N (the tiny checkpoint has 8 domains): the last valid id acts, N is refused by name."""
+    request = payload(steps=1)
+    request["domain_id"] = domain
+    answered, content = post(server, json.dumps(request).encode())
+    assert answered == status, content
+    if status == 400:
+        assert "domain_id" in content["error"]
+
+
+@pytest.mark.parametrize("image_format", ["JPEG", "PNG"])
+def test_a_red_image_reaches_the_policy_red(service, monkeypatch, image_format):
+    """The original clients send RGB images (encoded or as arrays): a pure-red JPEG and PNG reach the policy's
+    preprocessor with red in channel 0, not in OpenCV's BGR order."""
+    import io
+
+    from PIL import Image
+
+    seen = []
+    preprocess = service.preprocessor
+    monkeypatch.setattr(service, "preprocessor", lambda observation: seen.append(observation) or preprocess(observation))
+    data = io.BytesIO()
+    Image.new("RGB", (64, 48), (255, 0, 0)).save(data, image_format)
+    request = payload(steps=1)
+    request["image0"] = encoded(data.getvalue())
+    request["image1"] = json_numpy.dumps(np.tile(np.array([255, 0, 0], np.uint8), (32, 32, 1)))
+    status, content = service.answer(json.dumps(request).encode())
+    assert status == 200, content
+    for camera in service.cameras[:2]:
+        pixels = seen[0][camera].float()  # [3, H, W] uint8
+        means = pixels.mean(dim=(1, 2)).tolist()
+        assert means[0] > 250 and means[1] < 5 and means[2] < 5, (camera, means)

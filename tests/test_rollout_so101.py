@@ -451,3 +451,18 @@ def test_compiled_rollout_on_cpu(checkpoint, robot, tmp_path, monkeypatch):
     assert torch.isfinite(calls[0]["chunk"]).all()
     writes = assert_goals_inside_calibration(robot)
     assert len({(w.port, w.motor_id) for w in writes}) == 12
+
+
+@pytest.mark.parametrize("delay", [0, 1, 3, EXECUTION_HORIZON])
+def test_rtc_freezes_exactly_the_actions_executed_while_the_chunk_is_computed(checkpoint, delay):
+    """LeRobot's RTC engine passes the leftover and how many of its actions run while the new chunk is computed
+    (`inference_delay`): those come out as queued, the rest of the guided prefix is only pulled towards them."""
+    policy, preprocessor, _ = load_for_inference(checkpoint)
+    batch = SimulatedArms(preprocessor).observe()
+    leftover = torch.linspace(0.2, 0.8, EXECUTION_HORIZON)[:, None].expand(EXECUTION_HORIZON, 12).contiguous()
+    policy.config.rtc_config = RTCConfig(execution_horizon=EXECUTION_HORIZON)
+    torch.manual_seed(0)
+    guided = policy.predict_action_chunk(batch, inference_delay=delay, prev_chunk_left_over=leftover)[0]
+    torch.testing.assert_close(guided[:delay], leftover[:delay], rtol=0, atol=1e-6)
+    if delay < EXECUTION_HORIZON:
+        assert (guided[delay:EXECUTION_HORIZON] - leftover[delay:]).abs().max() > 1e-4
