@@ -192,7 +192,9 @@ class XVLAConfig(PreTrainedConfig):
     use_hetero_proj: bool = False
 
     # Entry of the action-mode registry (`lerobot_xvla.action_modes`): how the model's actions map onto the
-    # robot's, and their loss.
+    # robot's, and their loss. One of: ee6d (20-D end-effector poses, the checkpoints'), agibot_ee6d, joint,
+    # franka_joint7, so101_bimanual (12 SO101 joints), so101_ee6d (SO101 joints in end-effector space), auto
+    # (any width up to 20, MSE).
     action_mode: str = "ee6d"
     # Steps of the re-noising sampler at inference.
     num_denoising_steps: int = 10

@@ -151,16 +151,21 @@ def test_cli_help_imports_neither_torch_nor_lerobot(command):
 
 
 def test_lerobot_help_prints_no_traceback():
-    """`lerobot-train --help` and `lerobot-eval --help` with the plugin installed: no traceback, and at most one
-    line about the video decoder (LeRobot 0.6 logs torchcodec's five-traceback loading report a dozen times
+    """`lerobot-train --help` and `lerobot-eval --help` with the plugin installed: no traceback, the action modes
+    listed, and no torchcodec loading report (LeRobot 0.6 logs torchcodec's five-traceback loading report a dozen times
     where FFmpeg's libraries are missing, as on this test machine)."""
     from conftest import lerobot
 
+    from lerobot_xvla import ACTION_MODES
+
     for name in ("lerobot-train", "lerobot-eval"):
-        output = lerobot(name, "--help")
+        output = lerobot(name, "--policy.type=xvla", "--help")
         assert "Traceback" not in output, output[:3000]
         assert output.count("libtorchcodec") == 0 and output.count("Falling back to 'pyav'") == 0, output[:3000]
         assert "usage: " + name in output
+        # the help of --policy.action_mode lists every registered mode
+        text = " ".join(output.split("  --policy.action_mode str", 1)[1].split("  --policy.", 1)[0].split())
+        assert all(f" {mode} " in f" {text.replace(',', ' ')} " for mode in ACTION_MODES), text
 
 
 def test_the_video_backend_report_is_one_line_once(caplog, monkeypatch):
