@@ -70,6 +70,14 @@ _INT_MINIMUM = {
     "max_state_dim": 1, "max_action_dim": 1, "empty_cameras": 0, "chunk_blend_steps": 0, "log_loss_terms_every": 0,
     "freeze_steps": 0, "scheduler_warmup_steps": 0, "scheduler_decay_steps": 0,
 }  # fmt: skip
+# Upper bounds of the fields that size the network or a request's work, far above every published checkpoint
+# (depth 24, hidden 1024, 30 domains, chunk 30, 10 steps): a config.json from elsewhere cannot ask for a
+# terabyte model or a billion denoising steps.
+_INT_MAXIMUM = {
+    "n_obs_steps": 64, "chunk_size": 4096, "tokenizer_max_length": 4096, "hidden_size": 16384, "depth": 256,
+    "num_heads": 256, "num_domains": 4096, "len_soft_prompts": 1024, "dim_time": 4096, "max_len_seq": 65536,
+    "num_denoising_steps": 1000, "max_state_dim": 1024, "max_action_dim": 1024, "empty_cameras": 16,
+}  # fmt: skip
 # Real-valued fields: True when they must be > 0, False when >= 0 does (rates, scales, norms).
 _NUMBER_SIGN = {
     "mlp_ratio": True, "optimizer_lr": True, "optimizer_eps": False, "optimizer_weight_decay": False,
@@ -357,6 +365,12 @@ class XVLAConfig(PreTrainedConfig):
         for name, low in _INT_MINIMUM.items():
             value = getattr(self, name)
             _require(_is_int(value) and value >= low, f"{name} must be an integer >= {low}, got {value!r}")
+            high = _INT_MAXIMUM.get(name, value)
+            _require(value <= high, f"{name} must be at most {high} (far above any published X-VLA), got {value!r}")
+        _require(
+            all(isinstance(part, str) and part.strip() for part in self.checkpoint_reinit),
+            f"checkpoint_reinit lists parts of the model by name (e.g. transformer.action_decoder); got {self.checkpoint_reinit!r}",
+        )
         for name, positive in _NUMBER_SIGN.items():
             value = getattr(self, name)
             if value is None and name in _OPTIONAL_NUMBERS:

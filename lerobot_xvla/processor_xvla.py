@@ -9,7 +9,7 @@ With `action_mode=so101_ee6d` the preprocessor turns joints into end-effector po
 
 Every input is checked before the device step, so value checks run on the CPU and never stall an accelerator:
 camera shapes, dtypes and ranges (`check_image`), the state's width and finiteness (`StateCheckStep`), and the
-dataset statistics (`refuse_non_finite_stats`).
+dataset statistics (`refuse_unusable_stats`).
 
 The X-VLA steps are registered under the names LeRobot's built-in X-VLA uses (`xvla_image_to_float`,
 `xvla_imagenet_normalize`, `xvla_add_domain_id`, see `registration.py`), with the same config keys, so
@@ -105,23 +105,32 @@ def check_image(key: str, image: torch.Tensor, step: str) -> None:
         )
 
 
-def refuse_non_finite_stats(stats: dict[str, dict[str, Any]] | None, features: dict[str, PolicyFeature], source: str) -> None:
+def refuse_unusable_stats(stats: dict[str, dict[str, Any]] | None, features: dict[str, PolicyFeature], source: str) -> None:
     """Refuse statistics of the state and action features that hold NaN or inf (a dataset with one NaN frame
-    has them): normalising with them, or clamping actions to them, would send NaN to the robot."""
-    problems = []
+    has them): normalising with them, or clamping actions to them, would send NaN to the robot. A min above its
+    max, or a negative std, can come from no dataset: such a file was edited, and would pin or flip actions."""
+    problems, impossible = [], []
     for key, feature in features.items():
         if feature.type is FeatureType.VISUAL:  # images are not normalised by these statistics
             continue
-        for name, value in (stats or {}).get(key, {}).items():
-            values = torch.as_tensor(value, dtype=torch.float64).flatten()
+        feature_stats = {name: torch.as_tensor(value, dtype=torch.float64).flatten() for name, value in (stats or {}).get(key, {}).items()}
+        for name, values in feature_stats.items():
             bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
             problems += [f"{key} {name}[{i}]={values[i].item()}" for i in bad]
+        low, high, std = (feature_stats.get(name) for name in ("min", "max", "std"))
+        if low is not None and high is not None and low.shape == high.shape:
+            impossible += [f"{key} min[{i}]={low[i].item():g} > max[{i}]={high[i].item():g}" for i in (low > high).nonzero().flatten().tolist()]
+        if std is not None:
+            impossible += [f"{key} std[{i}]={std[i].item():g} < 0" for i in (std < 0).nonzero().flatten().tolist()]
     if problems:
         shown = ", ".join(problems[:12]) + (f", ... ({len(problems) - 12} more)" if len(problems) > 12 else "")
         raise ValueError(
             f"the {source} statistics hold non-finite values: {shown}. A frame with NaN or inf in the dataset "
             "produces them; fix or drop those frames and recompute the dataset's stats"
         )
+    if impossible:
+        shown = ", ".join(impossible[:12]) + (f", ... ({len(impossible) - 12} more)" if len(impossible) > 12 else "")
+        raise ValueError(f"the {source} statistics are impossible for any dataset: {shown}; recompute the dataset's stats")
 
 
 class _ObservationStep(ProcessorStep):
@@ -325,6 +334,18 @@ class ActionGuardStep(ProcessorStep):
     high: list[float] | None = None
     action_dim: int | None = None
 
+    def __post_init__(self) -> None:
+        if (self.low is None) != (self.high is None):
+            raise ValueError("xvla_action_guard needs both bounds, low and high, or neither")
+        if self.low is not None:
+            if len(self.low) != len(self.high):
+                raise ValueError(f"xvla_action_guard has {len(self.low)} low bounds and {len(self.high)} high bounds")
+            # (non-finite bounds are refused when an action comes, naming its channels)
+            crossed = [i for i, (lo, hi) in enumerate(zip(self.low, self.high, strict=True)) if math.isfinite(lo) and math.isfinite(hi) and lo > hi]
+            if crossed:
+                i = crossed[0]
+                raise ValueError(f"xvla_action_guard bounds need low <= high; index {i} has low={self.low[i]:g} > high={self.high[i]:g} (every action would be pinned to a bound)")
+
     def __call__(self, transition: EnvTransition) -> EnvTransition:
         action = transition.get(TransitionKey.ACTION)
         if not isinstance(action, torch.Tensor):
@@ -398,8 +419,8 @@ def reconcile_loaded_processors(
     normalizer = next((s for s in preprocessor.steps if isinstance(s, NormalizerProcessorStep)), None)
     unnormalizer = next((s for s in postprocessor.steps if isinstance(s, UnnormalizerProcessorStep)), None)
     features = {**config.input_features, **config.output_features}
-    refuse_non_finite_stats(_stats_of(normalizer), features, "checkpoint's preprocessor")
-    refuse_non_finite_stats(_stats_of(unnormalizer), features, "checkpoint's postprocessor")
+    refuse_unusable_stats(_stats_of(normalizer), features, "checkpoint's preprocessor")
+    refuse_unusable_stats(_stats_of(unnormalizer), features, "checkpoint's postprocessor")
     # Processor files of LeRobot's built-in X-VLA, or saved before these steps existed, lack them.
     _ensure_step(preprocessor, StateCheckStep, before=DeviceProcessorStep).state_dim = _state_dim(config)
     _ensure_step(preprocessor, DefaultTaskStep, before=TokenizerProcessorStep).task = config.default_task
@@ -566,7 +587,7 @@ def make_xvla_pre_post_processors(
 ]:
     """Build the X-VLA preprocessor and postprocessor for `config` (LeRobot's plugin contract)."""
     features = {**config.input_features, **config.output_features}
-    refuse_non_finite_stats(dataset_stats, features, "dataset")
+    refuse_unusable_stats(dataset_stats, features, "dataset")
     input_steps: list[ProcessorStep] = [
         RenameObservationsProcessorStep(rename_map={}),
         AddBatchDimensionProcessorStep(),

@@ -156,3 +156,36 @@ def test_default_task_reaches_fresh_and_loaded_preprocessors(checkpoint, tokeniz
         blank = pipeline(observation(task=" "))
         named = pipeline(observation(task=task))
         assert torch.equal(blank["observation.language.tokens"], named["observation.language.tokens"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A checkpoint's config and statistics are untrusted input (issue 23's first items)
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("field", "value"), [
+    ("depth", 1_000_000), ("num_domains", 1_000_000), ("hidden_size", 2**20), ("num_denoising_steps", 10**9),
+    ("chunk_size", 10**6), ("max_len_seq", 10**7),
+])  # fmt: skip
+def test_sizes_far_beyond_any_checkpoint_are_refused_before_anything_is_built(tokenizer_dir, field, value):
+    with pytest.raises(XVLAConfigError, match=rf"{field} must be at most \d+ \(far above any published X-VLA\), got {value}"):
+        tiny_config(views=1, tokenizer_name=tokenizer_dir, **{field: value})
+
+
+@pytest.mark.parametrize("parts", [[""], [" "], [3]])
+def test_checkpoint_reinit_must_name_parts(tokenizer_dir, parts):
+    with pytest.raises(XVLAConfigError, match="checkpoint_reinit lists parts of the model by name"):
+        tiny_config(views=1, tokenizer_name=tokenizer_dir, checkpoint_reinit=parts)
+
+
+def test_impossible_statistics_and_crossed_guard_bounds_are_refused(tokenizer_dir):
+    from lerobot_xvla.processor_xvla import ActionGuardStep
+
+    config = tiny_config(views=1, tokenizer_name=tokenizer_dir)
+    good = {"mean": torch.zeros(20), "std": torch.ones(20), "min": -torch.ones(20), "max": torch.ones(20)}
+    crossed = {**good, "min": torch.full((20,), 600.0), "max": torch.full((20,), 512.0)}
+    with pytest.raises(ValueError, match=r"the dataset statistics are impossible for any dataset: action min\[0\]=600 > max\[0\]=512"):
+        make_xvla_pre_post_processors(config, dataset_stats={STATE: good, "action": crossed})
+    negative = {**good, "std": torch.full((20,), -100.0)}
+    with pytest.raises(ValueError, match=r"observation.state std\[0\]=-100 < 0"):
+        make_xvla_pre_post_processors(config, dataset_stats={STATE: negative, "action": good})
+    with pytest.raises(ValueError, match=r"bounds need low <= high; index 0 has low=600 > high=512"):
+        ActionGuardStep(low=[600.0, 600.0], high=[512.0, 512.0])
