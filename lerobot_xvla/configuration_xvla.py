@@ -234,8 +234,8 @@ class XVLAConfig(PreTrainedConfig):
     # Key of a per-sample domain id in the batch (an `observation.*` dataset feature, so it survives
     # LeRobot's preprocessing); overrides domain_id.
     domain_feature_key: str | None = None
-    # The embodiment's domain id (table in docs/reference.md, "Domain ids"). None: the id stored in a loaded checkpoint's
-    # preprocessor (where LeRobot's built-in X-VLA keeps it), else 0.
+    # The embodiment's domain id (table in docs/reference.md, "Domain ids"). None: the id stored in a loaded
+    # checkpoint's preprocessor (where LeRobot's built-in X-VLA keeps it), else 0.
     domain_id: int | None = plugin_only(None)
     # Robot type or dataset repo id -> domain id; when set, domain_id comes from it for the dataset trained
     # on or recorded (robot type first). A robot missing from it is an error.
