@@ -13,7 +13,7 @@ POST /act with a JSON object (the original's `models/modeling_xvla.py` /act):
     image1, image2       optional, the same; absent (or null) ones are masked views
     language_instruction str of at most MAX_INSTRUCTION_CHARS characters
     proprio              json_numpy array (or a plain list) of exactly the checkpoint's state width of
-                         finite numbers within +-MAX_PROPRIO_ABS; required when the checkpoint uses proprio
+                         finite numbers within +-MAX_STATE_ABS (processor_xvla.py); required when the checkpoint uses proprio
     domain_id            int in [0, num_domains)
     steps                optional int in [1, MAX_STEPS]; default num_denoising_steps
 
@@ -112,7 +112,6 @@ CAMERA_FIELDS = ("image0", "image1", "image2")
 MAX_STEPS = 100
 MAX_IMAGE_SIDE = 4096
 MAX_INSTRUCTION_CHARS = 2000
-MAX_PROPRIO_ABS = MAX_STATE_ABS  # the preprocessor's bound on state values (processor_xvla.py says why)
 ARRAY_DTYPES = {"|u1": np.uint8, "<f4": np.float32, "<f8": np.float64, "<i4": np.int32, "<i8": np.int64}
 MAX_ARRAY_ELEMENTS = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE * 3
 KEEP_ALIVE_S = 5
@@ -327,8 +326,8 @@ def _proprio_values(value: NumpyArray | list[float], info: ValidationInfo) -> np
             "proprio_width", "must be {width} values (the checkpoint's state width), got shape {shape}",
             width=width, shape=list(values.shape),
         )
-    if not (np.isfinite(values) & (np.abs(values) <= MAX_PROPRIO_ABS)).all():
-        raise _error("proprio_range", f"must hold finite values within +-{MAX_PROPRIO_ABS:g}")
+    if not (np.isfinite(values) & (np.abs(values) <= MAX_STATE_ABS)).all():
+        raise _error("proprio_range", f"must hold finite values within +-{MAX_STATE_ABS:g}")
     return values.astype(np.float32)
 
 

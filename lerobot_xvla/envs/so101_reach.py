@@ -157,12 +157,9 @@ class SO101ReachEnv(gym.Env):
                 "ball_positions": self.ball_positions.copy()}
 
     def _observation(self) -> dict:
-        pixels = {name: self._render(camera) for name, camera in zip(self.cameras, self._mujoco_cameras(), strict=True)}
+        pixels = {name: self._render(name if name == "front" else f"{name}_cam") for name in self.cameras}  # MJCF: <prefix>wrist_cam
         joints = np.concatenate([arm.joints() for arm in self.robot]).astype(np.float32)
         return {"pixels": pixels, "agent_pos": joints}
-
-    def _mujoco_cameras(self) -> tuple[str, ...]:
-        return ("front", *(f"{prefix}wrist_cam" for prefix in ARM_PREFIXES[self.arms]))
 
     def _render(self, camera: str) -> np.ndarray:
         self.renderer.update_scene(self.data, camera=camera)

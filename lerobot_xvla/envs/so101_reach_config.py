@@ -17,10 +17,11 @@ from lerobot.configs.types import FeatureType, PolicyFeature
 from lerobot.envs.configs import EnvConfig
 from lerobot.utils.constants import ACTION, OBS_IMAGES, OBS_STATE
 
+from ..robots.so101_steps import JOINTS_PER_ARM
+
 GYM_NAMESPACE = "lerobot_xvla"
 ENV_TYPE = "so101_reach"
 TASK_ARMS = {"SO101Reach-v0": 1, "BiSO101Reach-v0": 2}
-JOINTS_PER_ARM = 6
 
 
 def camera_names(arms: int) -> tuple[str, ...]:
