@@ -46,6 +46,7 @@ from lerobot.configs.policies import PreTrainedConfig
 from lerobot.processor import ProcessorStepRegistry
 from lerobot.utils.constants import OBS_STATE
 
+from . import config_errors
 from .compat import HAS_LEROBOT_ROLLOUT
 from .configuration_xvla import COMPILE_MODES, XVLAConfig
 from .env_adapters import env_adapter
@@ -236,6 +237,7 @@ def install() -> None:
         logger.info("%s is set: --policy.type=xvla stays LeRobot's built-in X-VLA", BUILTIN_SWITCH)
         return
     PreTrainedConfig._choice_registry[TYPE_NAME] = XVLAConfig
+    config_errors.install()
     if not _builtin_steps:
         _builtin_steps.update(_register_steps(PROCESSOR_STEPS))
     _replace_everywhere(factory, "get_policy_class", _resolve_type_name(_policy_class))
