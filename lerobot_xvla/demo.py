@@ -8,10 +8,12 @@
 3. saves an untrained policy of the same architecture beside it (same config, processors and statistics);
 4. runs LeRobot's `lerobot-eval --env.type=pusht --env.task=PushTReach-v0` on both, with the same env seeds
    (the same episodes);
-5. measures the action error on the held-out episodes against predicting the mean action, and again with
-   each frame given another episode's image (does the policy act on what it sees?);
-6. writes `learning.png` (learning curve, a held-out episode's actions, closed-loop scores) next to the eval
-   videos, and `summary.json`, and prints the figures with their spread over the episodes.
+5. measures the action error on the held-out episodes against two baselines (predicting the mean action, and
+   that the agent stays put), and again with each frame given another episode's image (does the policy act on
+   what it sees?);
+6. writes `learning.png` (learning curve, a held-out episode's actions, the held-out errors, closed-loop
+   success counts with 95% Wilson intervals and the paired outcomes) next to the eval videos, and
+   `summary.json` with every figure it prints (and the loss curve), then prints them.
 
 Both commands are LeRobot's own; they pick up lerobot_xvla through LeRobot's plugin discovery.
 """
@@ -129,7 +131,16 @@ class Stages:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .demo_report import ClosedLoop, loss_curve, mean_action_error, offline_action_error, plot_learning
+    from .demo_report import (
+        ClosedLoop,
+        loss_curve,
+        mean_action_error,
+        offline_action_error,
+        plot_learning,
+        report_lines,
+        stay_put_error,
+        summarise,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"), help="where everything goes (default: %(default)s)")
@@ -174,45 +185,26 @@ def main(argv: list[str] | None = None) -> None:
     horizon = demo_config["policy"]["n_action_steps"]
     mean_action = train_set.meta.stats["action"]["mean"]
     trained_offline = offline_action_error(checkpoint, heldout_set, horizon)
-    blind_offline = offline_action_error(checkpoint, heldout_set, horizon, other_images=True)
-    untrained_offline = offline_action_error(untrained, heldout_set, horizon)
-    baseline = mean_action_error(heldout_set, mean_action, horizon)
+    other_images = offline_action_error(checkpoint, heldout_set, horizon, other_images=True)
+    heldout = {
+        "trained": trained_offline.per_episode,
+        "trained_given_other_episodes_images": other_images.per_episode,
+        "untrained": offline_action_error(untrained, heldout_set, horizon).per_episode,
+        "mean_action": mean_action_error(heldout_set, mean_action, horizon),
+        "agent_stays_put": stay_put_error(heldout_set, horizon),
+    }
+    loss = loss_curve(train_log, demo_config["policy"]["log_loss_terms_every"])
 
     figure = plot_learning(
-        out / "eval" / "learning.png",
-        loss_curve(train_log, demo_config["policy"]["log_loss_terms_every"]),
-        trained_offline,
-        mean_action,
-        trained_loop,
-        untrained_loop,
-        expert,
+        out / "eval" / "learning.png", loss, trained_offline, mean_action, trained_loop, untrained_loop, expert, heldout
     )
     seconds = stage.finish()
-    summary = {
-        "closed_loop": {
-            name: {"max_reward": loop.max_reward.tolist(), "sum_reward": loop.sum_reward.tolist(), "success": loop.success.tolist()}
-            for name, loop in (("trained", trained_loop), ("untrained", untrained_loop))
-        },
-        "expert_max_reward": expert.tolist(),
-        "heldout_action_error_px": {
-            "trained": trained_offline.per_episode.tolist(),
-            "trained_given_other_episodes_images": blind_offline.per_episode.tolist(),
-            "untrained": untrained_offline.per_episode.tolist(),
-            "mean_action": baseline.tolist(),
-        },
-        "stage_seconds": stage.seconds,
-        "total_seconds": seconds,
-    }
+    summary = summarise(loss, trained_loop, untrained_loop, expert, heldout, horizon, EVAL_SEED)
+    summary |= {"stage_seconds": stage.seconds, "total_seconds": seconds}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     videos = sorted((out / "eval").glob("videos/**/*.mp4"))
-    print(f"\nX-VLA main job finished in {seconds:.0f} s (PushT reach: touch the block, {args.eval_episodes} closed-loop episodes per policy, env seeds from {EVAL_SEED})")
-    print(f"  closed loop, trained:   {trained_loop.describe()}")
-    print(f"  closed loop, untrained: {untrained_loop.describe()}")
-    print(f"  paired by episode, trained vs untrained: {trained_loop.paired_with(untrained_loop)}")
-    print(f"  scripted expert:        max reward {expert.mean():.3f} ± {expert.std():.3f}")
-    print(f"  held-out action error (pixels, mean ± std [min, max] over {len(baseline)} episodes, first {horizon} actions):")
-    print(f"    trained {trained_offline.describe()} | untrained {untrained_offline.describe()} | mean action {baseline.mean():.1f} ± {baseline.std():.1f}")
-    print(f"    trained, each frame given another episode's image: {blind_offline.describe()}")
+    print(f"\nX-VLA main job finished in {seconds:.0f} s (PushT reach: touch the block)")
+    print("\n".join(report_lines(summary)))
     print(f"  checkpoint: {checkpoint}")
     print(f"  figure:     {figure}")
     print(f"  metrics:    {out / 'eval' / 'eval_info.json'}, {out / 'eval_untrained' / 'eval_info.json'}, {out / 'summary.json'}")

@@ -41,16 +41,29 @@ class ClosedLoop:
             max_reward, sum_reward, success = ([v for m in metrics for v in m[key]] for key in ("max_rewards", "sum_rewards", "successes"))
         return cls(np.asarray(max_reward, dtype=float), np.asarray(sum_reward, dtype=float), np.asarray(success, dtype=bool))
 
-    def describe(self) -> str:
-        return (
-            f"max reward {_spread(self.max_reward)}, sum reward {_spread(self.sum_reward, 2)}, "
-            f"success {100 * self.success.mean():.0f}% of {len(self.success)}"
-        )
+    def paired_counts(self, other: ClosedLoop) -> dict[str, int]:
+        """Episode by episode (same env seed): where both, only this policy, only `other` or neither succeeded."""
+        both, only_this = (self.success & other.success).sum(), (self.success & ~other.success).sum()
+        only_other, neither = (other.success & ~self.success).sum(), (~self.success & ~other.success).sum()
+        return {"both": int(both), "only_this": int(only_this), "only_other": int(only_other), "neither": int(neither)}
 
     def paired_with(self, other: ClosedLoop) -> str:
-        """Episode by episode (same env seed): how often this policy succeeded where `other` did not, and back."""
-        only_self, only_other = (self.success & ~other.success).sum(), (other.success & ~self.success).sum()
-        return f"succeeded alone in {only_self}, failed alone in {only_other}, same outcome in {len(self.success) - only_self - only_other}"
+        return paired_text(self.paired_counts(other))
+
+    def summary(self) -> dict:
+        return {
+            **success_summary(self.success),
+            "max_reward": spread(self.max_reward),
+            "sum_reward": spread(self.sum_reward),
+            "success_per_episode": self.success.tolist(),
+        }
+
+
+def paired_text(counts: dict[str, int]) -> str:
+    return (
+        f"succeeded alone in {counts['only_this']}, failed alone in {counts['only_other']}, "
+        f"same outcome in {counts['both'] + counts['neither']}"
+    )
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
@@ -63,9 +76,36 @@ def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
-def _spread(values: np.ndarray, digits: int = 3) -> str:
-    """mean ± std [min, max] of per-episode values."""
-    return f"{values.mean():.{digits}f} ± {values.std():.{digits}f} [{values.min():.{digits}f}, {values.max():.{digits}f}]"
+def spread(values: np.ndarray) -> dict:
+    """Per-episode values as summary.json holds them: mean, std, min, max and the values."""
+    values = np.asarray(values, dtype=float)
+    stats = {"mean": values.mean(), "std": values.std(), "min": values.min(), "max": values.max()}
+    return {**{name: float(value) for name, value in stats.items()}, "per_episode": values.tolist()}
+
+
+def success_summary(success: np.ndarray) -> dict:
+    """How many episodes succeeded, of how many, with the 95% Wilson interval of the rate."""
+    successes, episodes = int(np.sum(success)), len(success)
+    return {
+        "episodes": episodes,
+        "successes": successes,
+        "success_rate": successes / episodes,
+        "success_rate_95ci": list(wilson_interval(successes, episodes)),
+    }
+
+
+def _spread_text(values: dict, digits: int = 1) -> str:
+    """mean ± std [min, max] of a `spread`."""
+    mean, std, low, high = (f"{values[key]:.{digits}f}" for key in ("mean", "std", "min", "max"))
+    return f"{mean} ± {std} [{low}, {high}]"
+
+
+def _success_text(values: dict) -> str:
+    low, high = values["success_rate_95ci"]
+    return (
+        f"{values['successes']} of {values['episodes']} ({100 * values['success_rate']:.0f}%, "
+        f"95% Wilson interval {100 * low:.0f}-{100 * high:.0f}%)"
+    )
 
 
 @dataclass
@@ -75,9 +115,6 @@ class OfflineError:
     per_episode: np.ndarray  # [episodes] mean |predicted - recorded| over frames, horizon and action dims
     episode_prediction: np.ndarray  # [frames, action_dim] first predicted action at every frame of episode 0
     episode_recorded: np.ndarray  # [frames, action_dim] recorded actions of episode 0
-
-    def describe(self) -> str:
-        return _spread(self.per_episode, 1)
 
 
 def offline_action_error(checkpoint: Path, dataset, horizon: int, seed: int = 0, other_images: bool = False) -> OfflineError:
@@ -121,10 +158,22 @@ def offline_action_error(checkpoint: Path, dataset, horizon: int, seed: int = 0,
 
 def mean_action_error(dataset, mean_action: np.ndarray, horizon: int) -> np.ndarray:
     """The same error for the baseline that always predicts the training data's mean action: [episodes]."""
+    return _baseline_error(dataset, horizon, lambda state: mean_action)
+
+
+def stay_put_error(dataset, horizon: int) -> np.ndarray:
+    """The same error for the baseline that predicts the agent stays where it is: every action of the window is
+    the frame's state (PushT's state and action are both the agent's position in pixels): [episodes]."""
+    return _baseline_error(dataset, horizon, lambda state: state)
+
+
+def _baseline_error(dataset, horizon: int, predict) -> np.ndarray:
     errors = []
     for frames in _episode_frames(dataset):
-        actions = np.stack([dataset[i]["action"].numpy() for i in frames])
-        windows = [np.abs(actions[i : i + horizon] - mean_action).mean() for i in range(len(frames))]
+        items = [dataset[i] for i in frames]
+        actions = np.stack([item["action"].numpy() for item in items])
+        states = [item["observation.state"].numpy() for item in items]
+        windows = [np.abs(actions[i : i + horizon] - predict(states[i])).mean() for i in range(len(frames))]
         errors.append(np.mean(windows))
     return np.asarray(errors)
 
@@ -146,6 +195,87 @@ def _episode_frames(dataset) -> list[range]:
     return [range(int(start), int(end)) for start, end in zip(starts, ends, strict=True)]
 
 
+# Held-out measures of summary.json, in the order the figure draws them, with the figure's labels.
+HELDOUT_LABELS = {
+    "trained": "trained",
+    "trained_given_other_episodes_images": "trained, each\nframe given another\nepisode's image",
+    "untrained": "untrained",
+    "mean_action": "baseline:\nmean action",
+    "agent_stays_put": "baseline:\nagent stays put",
+}
+HELDOUT_COLORS = {
+    "trained": "tab:green",
+    "trained_given_other_episodes_images": "tab:orange",
+    "untrained": "tab:gray",
+    "mean_action": "tab:brown",
+    "agent_stays_put": "tab:brown",
+}
+
+
+def summarise(
+    loss: tuple[np.ndarray, np.ndarray],
+    trained: ClosedLoop,
+    untrained: ClosedLoop,
+    expert: np.ndarray,
+    heldout: dict[str, np.ndarray],
+    horizon: int,
+    eval_seed: int,
+) -> dict:
+    """Every figure the main job prints (`report_lines` reads them from here): summary.json.
+
+    `heldout` holds the per-episode action errors named in HELDOUT_LABELS; `expert` the scripted expert's max
+    reward per episode on the closed loop's seeds (1: it touched the block)."""
+    steps, losses = loss
+    paired = trained.paired_counts(untrained)
+    return {
+        "closed_loop": {
+            "env_seeds": [eval_seed, eval_seed + len(trained.success) - 1],
+            "trained": trained.summary(),
+            "untrained": untrained.summary(),
+            "scripted_expert": {**success_summary(expert >= 1.0), "max_reward": spread(expert)},
+            "paired_by_env_seed": {
+                "both_succeeded": paired["both"],
+                "only_trained_succeeded": paired["only_this"],
+                "only_untrained_succeeded": paired["only_other"],
+                "neither_succeeded": paired["neither"],
+            },
+        },
+        "heldout_action_error_px": {
+            "episodes": len(heldout["trained"]),
+            "first_actions": horizon,
+            **{name: spread(heldout[name]) for name in HELDOUT_LABELS},
+        },
+        "loss_curve": {"step": np.asarray(steps).tolist(), "loss": np.asarray(losses).tolist()},
+    }
+
+
+def report_lines(summary: dict) -> list[str]:
+    """The figures the main job prints at its end, all read from `summary`."""
+    loop, heldout = summary["closed_loop"], summary["heldout_action_error_px"]
+    paired = loop["paired_by_env_seed"]
+    counts = {"both": paired["both_succeeded"], "only_this": paired["only_trained_succeeded"]}
+    counts |= {"only_other": paired["only_untrained_succeeded"], "neither": paired["neither_succeeded"]}
+    first_seed, last_seed = loop["env_seeds"]
+    lines = [f"  closed loop, touched the block within the episode (env seeds {first_seed}-{last_seed}):"]
+    for name in ("trained", "untrained"):
+        policy = loop[name]
+        lines.append(
+            f"    {name + ':':10} {_success_text(policy)}; max reward {_spread_text(policy['max_reward'], 3)}, "
+            f"sum reward {_spread_text(policy['sum_reward'], 2)}"
+        )
+    lines += [
+        f"    {'expert:':10} {_success_text(loop['scripted_expert'])}",
+        f"    paired by env seed, trained vs untrained: {paired_text(counts)} "
+        f"(both succeeded in {counts['both']}, neither in {counts['neither']})",
+        f"  held-out action error (pixels, mean ± std [min, max] over {heldout['episodes']} episodes, "
+        f"first {heldout['first_actions']} actions of each chunk):",
+    ]
+    labels = {name: " ".join(label.split()) + ":" for name, label in HELDOUT_LABELS.items()}
+    width = max(len(label) for label in labels.values())
+    lines += [f"    {labels[name]:{width}} {_spread_text(heldout[name])}" for name in HELDOUT_LABELS]
+    return lines
+
+
 def plot_learning(
     path: Path,
     loss: tuple[np.ndarray, np.ndarray],
@@ -154,14 +284,30 @@ def plot_learning(
     trained: ClosedLoop,
     untrained: ClosedLoop,
     expert: np.ndarray,
+    heldout: dict[str, np.ndarray] | None = None,
 ) -> Path:
-    """Write the figure: the learning curve, a held-out episode's actions, and the closed-loop scores."""
+    """Write `learning_figure` to `path` (PNG)."""
+    figure = learning_figure(loss, offline, mean_action, trained, untrained, expert, heldout)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    _pyplot().close(figure)
+    return path
+
+
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, also where a display exists
     import matplotlib.pyplot as plt
 
-    figure, (curve, actions, scores) = plt.subplots(1, 3, figsize=(15, 4.2))
+    return plt
+
+
+def learning_figure(loss, offline, mean_action, trained, untrained, expert, heldout=None):
+    """The figure of learning.png: the learning curve, a held-out episode's actions, the held-out action error per
+    episode (`heldout`, named as in HELDOUT_LABELS; the panel stays empty without it) and the closed-loop
+    success counts with their 95% Wilson intervals and the paired outcomes."""
+    figure, ((curve, actions), (errors, scores)) = _pyplot().subplots(2, 2, figsize=(14, 9.5), layout="constrained")
     steps, losses = loss
     curve.plot(steps, losses, marker="o", markersize=3)
     curve.set(title="training loss (lerobot-train)", xlabel="step", ylabel="flow-matching loss", yscale="log")
@@ -170,20 +316,61 @@ def plot_learning(
     for dim, (name, color) in enumerate(zip(("x", "y"), ("tab:blue", "tab:orange"), strict=False)):
         actions.plot(frames, offline.episode_recorded[:, dim], color=color, label=f"recorded {name}")
         actions.plot(frames, offline.episode_prediction[:, dim], color=color, linestyle="--", label=f"predicted {name}")
-        actions.axhline(mean_action[dim], color=color, linestyle=":", linewidth=1, label=f"mean {name} (baseline)")
+        actions.axhline(mean_action[dim], color=color, linestyle=":", linewidth=1.5, label=f"baseline: mean {name}")
+    actions.margins(y=0.1)
     actions.set(title="held-out episode 0: action (agent target)", xlabel="frame", ylabel="pixels")
-    actions.legend(fontsize=7, ncol=3)
+    # Below the axes: inside, the legend hid the baselines
+    actions.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.12))
 
-    groups = {"untrained": untrained.max_reward, "trained": trained.max_reward, "scripted expert": expert}
-    for position, (name, values) in enumerate(groups.items()):
-        jitter = np.random.default_rng(position).uniform(-0.12, 0.12, len(values))
-        scores.scatter(position + jitter, values, s=14, alpha=0.7)
-        scores.hlines(values.mean(), position - 0.3, position + 0.3, color="black")
-    scores.set_xticks(range(len(groups)), list(groups))
-    scores.set(title="closed loop (lerobot-eval), same env seeds", ylabel="max reward per episode (1: touched the block)", ylim=(-0.05, 1.05))
+    if heldout is None:
+        errors.set_axis_off()
+    else:
+        _draw_heldout_errors(errors, heldout)
+    _draw_closed_loop(scores, trained, untrained, expert)
+    return figure
 
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+
+def _draw_heldout_errors(axes, heldout: dict[str, np.ndarray]) -> None:
+    for position, name in enumerate(HELDOUT_LABELS):
+        values = np.asarray(heldout[name])
+        jitter = np.random.default_rng(position).uniform(-0.15, 0.15, len(values))
+        axes.scatter(position + jitter, values, s=16, alpha=0.6, color=HELDOUT_COLORS[name])
+        axes.errorbar(position + 0.3, values.mean(), yerr=values.std(), fmt="o", color="black", capsize=4)
+        axes.annotate(
+            f"{values.mean():.1f}", (position + 0.3, values.mean()), xytext=(6, 0), textcoords="offset points",
+            va="center", fontsize=10, fontweight="bold",
+        )
+    axes.set_xticks(range(len(HELDOUT_LABELS)), list(HELDOUT_LABELS.values()), fontsize=8)
+    axes.set_xlim(-0.5, len(HELDOUT_LABELS) - 0.2)
+    axes.set_ylim(bottom=0)
+    axes.set(
+        title=f"held-out action error per episode ({len(heldout['trained'])} episodes; mean ± std in black)",
+        ylabel="mean |predicted - recorded| action, pixels",
+    )
+
+
+def _draw_closed_loop(axes, trained: ClosedLoop, untrained: ClosedLoop, expert: np.ndarray) -> None:
+    groups = {"untrained": untrained.success, "trained": trained.success, "scripted expert": expert >= 1.0}
+    for position, (name, success) in enumerate(groups.items()):
+        result = success_summary(success)
+        rate, (low, high) = result["success_rate"], result["success_rate_95ci"]
+        axes.bar(position, rate, width=0.6, color=("tab:gray", "tab:green", "tab:blue")[position], alpha=0.8)
+        axes.errorbar(position, rate, yerr=[[rate - low], [high - rate]], color="black", capsize=6)
+        axes.annotate(
+            f"{result['successes']}/{result['episodes']}\n[{100 * low:.0f}-{100 * high:.0f}%]", (position, high),
+            xytext=(0, 4), textcoords="offset points", ha="center", va="bottom", fontsize=10, fontweight="bold",
+        )
+    paired = trained.paired_counts(untrained)
+    axes.text(
+        0.02, 0.98,
+        f"paired by env seed ({len(trained.success)} episodes):\nonly trained succeeded {paired['only_this']}, "
+        f"only untrained {paired['only_other']}\nboth {paired['both']}, neither {paired['neither']}",
+        transform=axes.transAxes, va="top", fontsize=9, bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.9},
+    )
+    axes.set_xticks(range(len(groups)), list(groups))
+    axes.set_ylim(0, 1.45)
+    axes.set_yticks(np.linspace(0, 1, 6))
+    axes.set(
+        title="closed loop (lerobot-eval), same env seeds: touched the block",
+        ylabel="success rate, 95% Wilson interval",
+    )

@@ -3,10 +3,10 @@ are tested in test_lerobot_loops.py on a real lerobot-train run)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
-
-from lerobot_xvla.demo_report import _frames_of_other_episodes, wilson_interval
 
 from lerobot_xvla.demo_pusht import (
     BLOCK_CENTRE_RANGE,
@@ -20,6 +20,16 @@ from lerobot_xvla.demo_pusht import (
     make_pusht_env,
     remove_previous_output,
     scripted_reach,
+)
+from lerobot_xvla.demo_report import (
+    HELDOUT_LABELS,
+    ClosedLoop,
+    OfflineError,
+    _frames_of_other_episodes,
+    learning_figure,
+    report_lines,
+    summarise,
+    wilson_interval,
 )
 
 SEEDS = list(range(100_000, 100_012))
@@ -155,3 +165,71 @@ def test_reach_geometry_is_pinned_to_gym_pushts_own_shapes():
     centres = np.array(centres)
     assert (centres >= 90).all() and (centres <= 422).all()
     assert (centres.min(axis=0) < 95).all() and (centres.max(axis=0) > 417).all()
+
+
+def main_job_results():
+    """Closed-loop outcomes as in the README (32/40 vs 8/40: 5 both, 27 only trained, 3 only untrained, 5 neither)
+    and held-out errors whose means are 15.6 (true image) and 43.2 px (another episode's image)."""
+    trained = np.array([True] * 5 + [True] * 27 + [False] * 3 + [False] * 5)
+    untrained = np.array([True] * 5 + [False] * 27 + [True] * 3 + [False] * 5)
+    loops = [ClosedLoop(success.astype(float), success.astype(float), success) for success in (trained, untrained)]
+    means = {"trained": 15.6, "trained_given_other_episodes_images": 43.2, "untrained": 58.1}
+    means |= {"mean_action": 58.6, "agent_stays_put": 46.2}
+    heldout = {name: mean + np.array([-3.0, 3.0] * 8) for name, mean in means.items()}
+    loss = (np.array([50, 100, 150]), np.array([1.5, 0.7, 0.4]))
+    return loss, *loops, np.ones(40), heldout
+
+
+def test_summary_holds_every_printed_figure():
+    """The printed figures are read from summary.json as written (a JSON round trip), paired counts and the loss
+    curve included."""
+    loss, trained, untrained, expert, heldout = main_job_results()
+    summary = json.loads(json.dumps(summarise(loss, trained, untrained, expert, heldout, horizon=8, eval_seed=100_000)))
+    loop = summary["closed_loop"]
+    assert loop["paired_by_env_seed"] == {
+        "both_succeeded": 5, "only_trained_succeeded": 27, "only_untrained_succeeded": 3, "neither_succeeded": 5
+    }
+    assert (loop["trained"]["successes"], loop["untrained"]["successes"], loop["scripted_expert"]["successes"]) == (32, 8, 40)
+    assert loop["trained"]["success_rate_95ci"] == pytest.approx(wilson_interval(32, 40))
+    assert summary["loss_curve"] == {"step": [50, 100, 150], "loss": [1.5, 0.7, 0.4]}
+    assert list(summary["heldout_action_error_px"]) == ["episodes", "first_actions", *HELDOUT_LABELS]
+    assert summary["heldout_action_error_px"]["trained"]["per_episode"] == heldout["trained"].tolist()
+    lines = report_lines(summary)
+    assert lines == [
+        "  closed loop, touched the block within the episode (env seeds 100000-100039):",
+        "    trained:   32 of 40 (80%, 95% Wilson interval 65-90%); max reward 0.800 ± 0.400 [0.000, 1.000], "
+        "sum reward 0.80 ± 0.40 [0.00, 1.00]",
+        "    untrained: 8 of 40 (20%, 95% Wilson interval 10-35%); max reward 0.200 ± 0.400 [0.000, 1.000], "
+        "sum reward 0.20 ± 0.40 [0.00, 1.00]",
+        "    expert:    40 of 40 (100%, 95% Wilson interval 91-100%)",
+        "    paired by env seed, trained vs untrained: succeeded alone in 27, failed alone in 3, same outcome in 10 "
+        "(both succeeded in 5, neither in 5)",
+        "  held-out action error (pixels, mean ± std [min, max] over 16 episodes, first 8 actions of each chunk):",
+        "    trained:                                           15.6 ± 3.0 [12.6, 18.6]",
+        "    trained, each frame given another episode's image: 43.2 ± 3.0 [40.2, 46.2]",
+        "    untrained:                                         58.1 ± 3.0 [55.1, 61.1]",
+        "    baseline: mean action:                             58.6 ± 3.0 [55.6, 61.6]",
+        "    baseline: agent stays put:                         46.2 ± 3.0 [43.2, 49.2]",
+    ]
+
+
+def test_learning_figure_shows_counts_intervals_the_image_control_and_the_baselines():
+    loss, trained, untrained, expert, heldout = main_job_results()
+    frames = np.arange(20.0)
+    episode = OfflineError(heldout["trained"], np.stack([frames * 10, 300 - frames], 1), np.stack([frames * 11, 310 - frames], 1))
+    mean_action = np.array([400.0, 120.0])  # far above the x and below the y trajectory, as the real means can be
+    figure = learning_figure(loss, episode, mean_action, trained, untrained, expert, heldout)
+    figure.canvas.draw()
+    curve, actions, errors, scores = figure.axes
+    texts = {text.get_text() for axes in (errors, scores) for text in axes.texts}
+    assert {"32/40\n[65-90%]", "8/40\n[10-35%]", "40/40\n[91-100%]"} <= texts  # counts and 95% Wilson intervals
+    assert "paired by env seed (40 episodes):\nonly trained succeeded 27, only untrained 3\nboth 5, neither 5" in texts
+    assert {"15.6", "43.2", "58.1", "58.6", "46.2"} <= texts  # the image control and the baselines, each labelled
+    assert [label.get_text() for label in errors.get_xticklabels()] == list(HELDOUT_LABELS.values())
+    low, high = actions.get_ylim()
+    assert low < min(mean_action) and max(mean_action) < high  # the baseline lines are inside the axes ...
+    legend = actions.get_legend().get_window_extent()
+    assert legend.y1 < actions.get_window_extent().y0  # ... and the legend lies below them, not over them
+    for axes in (errors, scores):
+        bottom, top = axes.get_ylim()
+        assert all(bottom <= text.xy[1] <= top for text in axes.texts if hasattr(text, "xy"))
