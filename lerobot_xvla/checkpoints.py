@@ -185,11 +185,13 @@ def load_state_dict_strict(
 
     `reinit` lists parameter-name prefixes (relative to `model.`) allowed to differ: those keep the module's
     fresh initialisation, except per-domain tables that only grew along the domain dimension, which keep
-    the checkpoint's rows.
+    the checkpoint's rows. Each prefix must name part of the model, and together they must leave some of it to
+    load; what they re-initialise is logged at WARNING with its parameter count.
     """
+    reinit = list(reinit)
+    allowed = _check_reinit(module, reinit)
     state = to_native(state_dict)
     expected = module.state_dict()
-    allowed = tuple(f"model.{p}" for p in reinit)
     missing = [k for k in expected if k not in state and not k.startswith(allowed)]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
@@ -214,22 +216,57 @@ def load_state_dict_strict(
     _check_dtype_kinds(state, expected)
     _check_finite(state, [k for k in expected if k in state])
     to_load = {}
+    parameters = dict(module.named_parameters())
+    fresh = dict.fromkeys(reinit, 0)  # fresh parameters per checkpoint_reinit part (buffers are not learnt)
     for key, value in expected.items():
-        if key not in state:
-            logger.info("re-initialised (not in checkpoint): %s", key)
-            continue
-        loaded = state[key]
-        if loaded.shape == value.shape:
+        loaded = state.get(key)
+        if loaded is not None and loaded.shape == value.shape:
             to_load[key] = loaded
+            continue
+        if loaded is None:
+            logger.info("re-initialised (not in checkpoint): %s", key)
+            new = value.numel()
         elif loaded.shape[1:] == value.shape[1:] and loaded.ndim >= 1:
             rows = min(loaded.shape[0], value.shape[0])
             merged = value.detach().clone()
             merged[:rows] = loaded[:rows]
             to_load[key] = merged
             logger.info("kept %d of %d domain rows from the checkpoint: %s", rows, value.shape[0], key)
+            new = value[rows:].numel()
         else:
             logger.info("re-initialised (shape %s -> %s): %s", tuple(loaded.shape), tuple(value.shape), key)
+            new = value.numel()
+        if key in parameters:
+            fresh[next(part for part, prefix in zip(reinit, allowed) if key.startswith(prefix))] += new
     module.load_state_dict(to_load, strict=False)
+    if reinit:
+        logger.warning(
+            "checkpoint_reinit: %s of the model's %s parameters keep their fresh initialisation (%s)",
+            f"{sum(fresh.values()):,}",
+            f"{sum(p.numel() for p in parameters.values()):,}",
+            ", ".join(f"{part}: {count:,}" for part, count in fresh.items()),
+        )
+
+
+def _check_reinit(module: nn.Module, reinit: list[str]) -> tuple[str, ...]:
+    """The `model.` prefixes of `reinit`; each must name some of the module's tensors, and together they must leave
+    parameters to load (a checkpoint that loads nothing is a randomly initialised policy)."""
+    prefixes = tuple(f"model.{part}" for part in reinit)
+    names = [name for name, _ in module.named_parameters()]
+    tensors = list(module.state_dict())
+    for part, prefix in zip(reinit, prefixes):
+        if not any(name.startswith(prefix) for name in tensors):
+            parts = sorted({".".join(name.split(".")[1:3]) for name in names})
+            raise CheckpointMismatchError(
+                f"checkpoint_reinit names {part!r}, which is no part of this model; its parts: {', '.join(parts)}"
+            )
+    if prefixes and all(name.startswith(prefixes) for name in names):
+        raise CheckpointMismatchError(
+            f"checkpoint_reinit {reinit} covers every parameter of the model: nothing of the checkpoint would "
+            "load, leaving a randomly initialised policy; name only the parts to re-initialise (e.g. "
+            "transformer.action_decoder)"
+        )
+    return prefixes
 
 
 # The config classes of the code that writes each layout, which filled in the florence fields it left out.

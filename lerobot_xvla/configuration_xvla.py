@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,12 @@ from lerobot.optim.optimizers import AdamWConfig
 from lerobot.utils.constants import OBS_IMAGES, OBS_STATE
 from transformers.utils import PaddingStrategy
 
-from .action_modes import ACTION_MODES, check_action_dim, get_action_mode_class
+from .action_modes import ACTION_MODES, build_action_mode, check_action_dim, get_action_mode_class
 from .florence import (
     FLORENCE2_LARGE,
     check_image_size,
     complete_florence_config,
+    encoder_parameter_count,
     image_tokens_per_view,
     native_florence_config,
 )
@@ -77,7 +79,13 @@ _INT_MAXIMUM = {
     "n_obs_steps": 64, "chunk_size": 4096, "tokenizer_max_length": 4096, "hidden_size": 16384, "depth": 256,
     "num_heads": 256, "num_domains": 4096, "len_soft_prompts": 1024, "dim_time": 4096, "max_len_seq": 65536,
     "num_denoising_steps": 1000, "max_state_dim": 1024, "max_action_dim": 1024, "empty_cameras": 16,
+    "chunk_blend_steps": 4096,
 }  # fmt: skip
+# The other sizes: view slots (3 in every checkpoint), pixels per image side (224), frames the time anchors span
+# (the original's 1-5 s), the MLP width as a multiple of hidden_size (4).
+_MAX_VIEWS, _MAX_IMAGE_SIDE, _MAX_ANCHOR_FRAMES, _MAX_MLP_RATIO = 32, 4096, 4096, 64
+# The network is built in float32 on the CPU whatever its dtypes (bf16 weights are cast after loading).
+_BUILD_BYTES_PER_PARAMETER = 4
 # Real-valued fields: True when they must be > 0, False when >= 0 does (rates, scales, norms).
 _NUMBER_SIGN = {
     "mlp_ratio": True, "optimizer_lr": True, "optimizer_eps": False, "optimizer_weight_decay": False,
@@ -377,6 +385,10 @@ class XVLAConfig(PreTrainedConfig):
                 continue
             valid = _is_number(value) and (value > 0 if positive else value >= 0)
             _require(valid, f"{name} must be a number {'>' if positive else '>='} 0, got {value!r}")
+        _require(
+            self.mlp_ratio <= _MAX_MLP_RATIO,
+            f"mlp_ratio must be at most {_MAX_MLP_RATIO} (far above any published X-VLA), got {self.mlp_ratio!r}",
+        )
         betas = self.optimizer_betas
         _require(
             isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas),
@@ -418,6 +430,11 @@ class XVLAConfig(PreTrainedConfig):
                 isinstance(size, (tuple, list)) and len(size) == 2 and all(_is_int(v) and v >= 1 for v in size),
                 f"{name} must be (height, width), two integers >= 1, got {size!r}",
             )
+            _require(
+                max(size) <= _MAX_IMAGE_SIDE,
+                f"{name} must be at most {_MAX_IMAGE_SIDE} x {_MAX_IMAGE_SIDE} pixels (the checkpoints see "
+                f"224 x 224), got {size!r}",
+            )
         try:
             native_florence_config(self.florence_config)
             check_image_size(self.florence_config, *self.model_image_size)
@@ -429,9 +446,27 @@ class XVLAConfig(PreTrainedConfig):
             f"num_image_views must be an integer >= 1 when set, got {views!r}",
         )
         self._check_sequence_length(views or 1)  # at least one view; validate_features counts the cameras
+        if self.inference_backend == "torch":  # an ONNX export holds no torch network
+            self._check_memory()
+
+    def _check_memory(self) -> None:
+        """Refuse, before any tensor exists, a network whose weights alone would not fit in this machine's memory."""
+        parameters, memory = estimate_parameters(self), machine_memory()
+        needed = parameters * _BUILD_BYTES_PER_PARAMETER
+        _require(
+            memory is None or needed <= memory,
+            f"this config has about {parameters:.2g} parameters ({_decimal_bytes(needed)} in float32), more than this "
+            f"machine's {(memory or 0) / 2**30:.1f} GiB of memory; check hidden_size, depth, num_domains, "
+            "len_soft_prompts, max_len_seq and florence_config's widths and depths",
+        )
 
     def _check_sequence_length(self, views: int) -> None:
         """The learned positional table must cover the actions, the text and every view's image tokens."""
+        _require(
+            views <= _MAX_VIEWS,
+            f"num_image_views must be at most {_MAX_VIEWS} (far above any published X-VLA's 3), got {views} "
+            "(the cameras and empty_cameras count as views)",
+        )
         height, width = self.model_image_size
         image_tokens = views * image_tokens_per_view(self.florence_config, height, width)
         seq_len = self.chunk_size + self.tokenizer_max_length + image_tokens
@@ -463,6 +498,12 @@ class XVLAConfig(PreTrainedConfig):
         _require(
             horizon is None or (_is_number(horizon) and _is_number(fps) and min(horizon, fps) > 0),
             f"anchor_horizon_s and anchor_fps must be > 0, got {horizon}, {fps}",
+        )
+        frames = self.anchor_horizon_frames or 0
+        _require(
+            frames <= _MAX_ANCHOR_FRAMES,
+            f"anchor_horizon_s * anchor_fps must be at most {_MAX_ANCHOR_FRAMES} frames (a sample loads every frame "
+            f"of the horizon), got {horizon} s * {fps} fps = {frames:g}",
         )
         _require(
             _is_int(self.n_action_steps) and 0 < self.n_action_steps <= self.executable_steps,
@@ -682,3 +723,48 @@ class XVLAConfig(PreTrainedConfig):
 
 def _field_default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def estimate_parameters(config: XVLAConfig) -> int:
+    """The parameters of the network `config` builds (`XVLAModel`), by arithmetic on the config alone: no tensor is
+    allocated. Exact for the layers of `soft_transformer.py` and `florence.build_florence_encoder`."""
+    hidden, domains = config.hidden_size, config.num_domains
+    mlp = int(hidden * config.mlp_ratio)
+    # Two norms, the qkv and output projections, the MLP.
+    block = 4 * hidden + 4 * hidden * (hidden + 1) + 2 * hidden * mlp + mlp + hidden
+    florence = native_florence_config(config.florence_config)
+    context = 2 * (florence.vision_config.projection_dim + 1) * hidden  # vlm_proj and aux_visual_proj
+    dim_action = build_action_mode(config.action_mode, None, config.max_action_dim).dim_action
+    action_in = dim_action + config.dim_time + (config.max_state_dim if config.use_proprio else 0)
+    # The per-domain action encoder and decoder.
+    heads = domains * ((action_in + 1) * hidden + (hidden + 1) * dim_action)
+    transformer = (
+        config.depth * block
+        + context * (domains if config.use_hetero_proj else 1)
+        + config.max_len_seq * hidden  # positional table
+        + 2 * hidden  # final norm
+        + heads
+        + domains * config.len_soft_prompts * hidden
+    )
+    return transformer + encoder_parameter_count(florence)
+
+
+def machine_memory() -> int | None:
+    """Bytes of memory this process may use: the machine's, or its container's limit (cgroup v2) when lower; None
+    where the platform does not tell (no `os.sysconf`, as on Windows)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total  # "max": no limit
+
+
+def _decimal_bytes(count: int) -> str:
+    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9)):
+        if count >= scale:
+            return f"{count / scale:.2g} {unit}"
+    return f"{count / 1e6:.2g} MB"

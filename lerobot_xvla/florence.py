@@ -222,42 +222,65 @@ _REMOTE_NAMES = {
     "max_position_embeddings": "image_pos_embed.max_pos_embeddings",
     "max_temporal_embeddings": "visual_temporal_embedding.max_temporal_embeddings",
 }
-_STAGE_KEYS = (
-    "depths", "embed_dim", "num_heads", "num_groups", "patch_size", "patch_stride", "patch_padding", "patch_prenorm",
-)  # fmt: skip
-_VISION_SIZES = ("window_size", "projection_dim", "max_position_embeddings", "max_temporal_embeddings")
-_TEXT_SIZES = (
-    "vocab_size", "max_position_embeddings", "d_model", "encoder_layers", "encoder_ffn_dim", "encoder_attention_heads",
-)  # fmt: skip
+# Each DaViT stage's list and the range of its values. The upper bounds, like every florence_config bound here, lie
+# far above Florence-2-large (4 stages of depth <= 9 and width <= 2048; 12 text layers of width 1024, vocabulary
+# 51289): a config.json from elsewhere cannot ask for a network no machine holds (the parameter estimate,
+# `encoder_parameter_count`, bounds what their product asks for).
+_STAGE_RANGES = {
+    "depths": (0, 256), "embed_dim": (1, 16384), "num_heads": (1, 1024), "num_groups": (1, 1024),
+    "patch_size": (1, 64), "patch_stride": (1, 64), "patch_padding": (0, 64),
+}  # fmt: skip
+_MAX_STAGES = 16
+_VISION_MAXIMUM = {
+    "window_size": 1024, "projection_dim": 16384, "max_position_embeddings": 4096, "max_temporal_embeddings": 4096,
+}  # fmt: skip
+_TEXT_MAXIMUM = {
+    "vocab_size": 2**20, "max_position_embeddings": 65536, "d_model": 16384, "encoder_layers": 256,
+    "encoder_ffn_dim": 65536, "encoder_attention_heads": 256,
+}  # fmt: skip
+_MAX_MLP_RATIO = 64
 
 
 def _check_sizes(vision: dict[str, Any], text: dict[str, Any], remote: bool) -> None:
-    """Refuse sizes that transformers would reject with a shape error, naming the florence_config field."""
+    """Refuse sizes that transformers would reject with a shape error, or that lie beyond the bounds above, naming
+    the florence_config field."""
 
     def name(key: str) -> str:
         return "florence_config.vision_config." + (_REMOTE_NAMES.get(key, key) if remote else key)
 
     stages = vision["depths"]
-    for key in _STAGE_KEYS:
+    for key in (*_STAGE_RANGES, "patch_prenorm"):
         if not isinstance(vision[key], (list, tuple)) or not stages or len(vision[key]) != len(stages):
             raise ValueError(
                 f"{name(key)} must be a list with one value per DaViT stage (as depths), got {vision[key]!r}"
             )
-    for key in _STAGE_KEYS[:-1]:
-        low = 0 if key in ("depths", "patch_padding") else 1
+    if len(stages) > _MAX_STAGES:
+        raise ValueError(f"{name('depths')} must list at most {_MAX_STAGES} DaViT stages, got {len(stages)}")
+    for key, (low, high) in _STAGE_RANGES.items():
         if not all(_is_int(v) and v >= low for v in vision[key]):
             raise ValueError(f"{name(key)} must hold integers >= {low}, got {vision[key]}")
+        if max(vision[key]) > high:
+            raise ValueError(
+                f"{name(key)} must hold integers <= {high} (far above Florence-2-large), got {vision[key]}"
+            )
     for key in ("num_heads", "num_groups"):
         if any(dim % n for dim, n in zip(vision["embed_dim"], vision[key])):
             raise ValueError(
                 f"{name('embed_dim')} {vision['embed_dim']} must be divisible by {name(key)} {vision[key]} "
                 "stage by stage"
             )
-    sizes = {name(k): vision[k] for k in _VISION_SIZES}
-    sizes.update({f"florence_config.text_config.{k}": text[k] for k in _TEXT_SIZES})
-    for field_name, value in sizes.items():
+    if vision.get("in_channels", 3) != 3:
+        raise ValueError(f"{name('in_channels')} must be 3 (the cameras are RGB), got {vision['in_channels']!r}")
+    ratio = vision.get("mlp_ratio", 4.0)
+    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio <= _MAX_MLP_RATIO):
+        raise ValueError(f"{name('mlp_ratio')} must be a number in (0, {_MAX_MLP_RATIO}], got {ratio!r}")
+    sizes = {name(k): (vision[k], high) for k, high in _VISION_MAXIMUM.items()}
+    sizes.update({f"florence_config.text_config.{k}": (text[k], high) for k, high in _TEXT_MAXIMUM.items()})
+    for field_name, (value, high) in sizes.items():
         if not _is_int(value) or value < 1:
             raise ValueError(f"{field_name} must be an integer >= 1, got {value!r}")
+        if value > high:
+            raise ValueError(f"{field_name} must be at most {high} (far above Florence-2-large), got {value}")
     if text["d_model"] % text["encoder_attention_heads"]:
         raise ValueError(
             f"florence_config.text_config.d_model={text['d_model']} must be divisible by "
@@ -295,6 +318,29 @@ def build_florence_encoder(florence_config: dict[str, Any]) -> Florence2Model:
     vlm = Florence2Model(native_florence_config(florence_config))
     del vlm.language_model.decoder
     return vlm
+
+
+def encoder_parameter_count(config: Florence2Config) -> int:
+    """The parameters of `build_florence_encoder` for the native `config` (`native_florence_config`), by arithmetic
+    alone, before any tensor exists: the DaViT stages, the projector with its image position table, and the BART
+    encoder with the text embedding (which it shares with the deleted decoder)."""
+    vision, text = config.vision_config, config.text_config
+    count, channels = 0, vision.in_channels
+    for depth, dim, kernel, prenorm in zip(vision.depths, vision.embed_dim, vision.patch_size, vision.patch_prenorm):
+        count += channels * dim * kernel**2 + dim + 2 * (channels if prenorm else dim)  # strided conv and its norm
+        hidden = int(dim * vision.mlp_ratio)
+        # A block has a window-attention and a channel-attention half of one shape: two depthwise 3x3 convs and two
+        # norms, the qkv and output projections, and an MLP.
+        half = 2 * 10 * dim + 4 * dim + 3 * dim * dim + (3 * dim if vision.qkv_bias else 0) + dim * dim + dim
+        count += depth * 2 * (half + 2 * dim * hidden + hidden + dim)
+        channels = dim
+    width, projection = vision.embed_dim[-1], vision.projection_dim
+    count += width * projection + 2 * projection + vision.max_position_embeddings * width
+    model, ffn = text.d_model, text.encoder_ffn_dim
+    layer = 4 * model * (model + 1) + 2 * model + 2 * model * ffn + ffn + model + 2 * model
+    # BART's learned positions have 2 rows more than max_position_embeddings; 2 * model: the embedding's norm.
+    embeddings = text.vocab_size * model + (text.max_position_embeddings + 2) * model + 2 * model
+    return count + embeddings + text.encoder_layers * layer
 
 
 def projection_dim(vlm: Florence2Model) -> int:

@@ -105,32 +105,58 @@ def check_image(key: str, image: torch.Tensor, step: str) -> None:
         )
 
 
-def refuse_unusable_stats(stats: dict[str, dict[str, Any]] | None, features: dict[str, PolicyFeature], source: str) -> None:
-    """Refuse statistics of the state and action features that hold NaN or inf (a dataset with one NaN frame
-    has them): normalising with them, or clamping actions to them, would send NaN to the robot. A min above its
-    max, or a negative std, can come from no dataset: such a file was edited, and would pin or flip actions."""
-    problems, impossible = [], []
+def refuse_unusable_stats(
+    stats: dict[str, dict[str, Any]] | None, features: dict[str, PolicyFeature], source: str
+) -> None:
+    """Refuse statistics of the state and action features that no dataset gives, naming the feature, statistic and
+    index: NaN or inf (a dataset with one NaN frame has them; normalising with them, or clamping actions to them,
+    would send NaN to the robot), a min above its max or a negative std (such a file was edited, and would pin or
+    flip actions), and magnitudes beyond MAX_STATE_ABS, the bound of the states themselves (a mean or std of 1e30
+    maps every state to 0 and every action to 1e30).
+
+    A std of 0 is what a channel that never moved has (a gripper kept open): LeRobot's normaliser divides by
+    std + 1e-8, so it maps that constant to 0 and unnormalises to the mean, which is right. It is accepted where
+    min == max shows the channel is constant, and refused elsewhere: there it would blow the channel's
+    deviations up 1e8 times. `count` (frames) is not a value of the feature and has no magnitude bound."""
+
+    def where(mask: torch.Tensor) -> list[int]:
+        return mask.nonzero().flatten().tolist()
+
+    found: dict[str, list[str]] = {"non-finite": [], "impossible": [], "too large": []}
     for key, feature in features.items():
         if feature.type is FeatureType.VISUAL:  # images are not normalised by these statistics
             continue
-        feature_stats = {name: torch.as_tensor(value, dtype=torch.float64).flatten() for name, value in (stats or {}).get(key, {}).items()}
-        for name, values in feature_stats.items():
-            bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
-            problems += [f"{key} {name}[{i}]={values[i].item()}" for i in bad]
-        low, high, std = (feature_stats.get(name) for name in ("min", "max", "std"))
-        if low is not None and high is not None and low.shape == high.shape:
-            impossible += [f"{key} min[{i}]={low[i].item():g} > max[{i}]={high[i].item():g}" for i in (low > high).nonzero().flatten().tolist()]
+        given = (stats or {}).get(key, {})
+        named = {name: torch.as_tensor(value, dtype=torch.float64).flatten() for name, value in given.items()}
+        for name, values in named.items():
+            finite = torch.isfinite(values)
+            found["non-finite"] += [f"{key} {name}[{i}]={values[i].item()}" for i in where(~finite)]
+            if name != "count":
+                large = finite & (values.abs() > MAX_STATE_ABS)
+                found["too large"] += [f"{key} {name}[{i}]={values[i].item():g}" for i in where(large)]
+        low, high, std = (named.get(name) for name in ("min", "max", "std"))
+        ranged = low is not None and high is not None and low.shape == high.shape
+        if ranged:
+            crossed = where(low > high)
+            found["impossible"] += [f"{key} min[{i}]={low[i].item():g} > max[{i}]={high[i].item():g}" for i in crossed]
         if std is not None:
-            impossible += [f"{key} std[{i}]={std[i].item():g} < 0" for i in (std < 0).nonzero().flatten().tolist()]
-    if problems:
-        shown = ", ".join(problems[:12]) + (f", ... ({len(problems) - 12} more)" if len(problems) > 12 else "")
-        raise ValueError(
-            f"the {source} statistics hold non-finite values: {shown}. A frame with NaN or inf in the dataset "
-            "produces them; fix or drop those frames and recompute the dataset's stats"
-        )
-    if impossible:
-        shown = ", ".join(impossible[:12]) + (f", ... ({len(impossible) - 12} more)" if len(impossible) > 12 else "")
-        raise ValueError(f"the {source} statistics are impossible for any dataset: {shown}; recompute the dataset's stats")
+            found["impossible"] += [f"{key} std[{i}]={std[i].item():g} < 0" for i in where(std < 0)]
+            ranged = ranged and low.shape == std.shape
+            constant = low == high if ranged else torch.zeros_like(std, dtype=torch.bool)
+            for i in where((std == 0) & ~constant):
+                why = f"min[{i}]={low[i].item():g} < max[{i}]={high[i].item():g}" if ranged else "no min and max"
+                found["impossible"].append(f"{key} std[{i}]=0 but {why} (only a constant channel has std 0)")
+    recompute = "recompute the dataset's stats"
+    reasons = {
+        "non-finite": "hold non-finite values: {}. A frame with NaN or inf in the dataset produces them; fix or drop "
+        f"those frames and {recompute}",
+        "impossible": f"are impossible for any dataset: {{}}; {recompute}",
+        "too large": f"hold magnitudes beyond +-{MAX_STATE_ABS:g}, the bound of robot states: {{}}; {recompute}",
+    }
+    for kind, problems in found.items():
+        if problems:
+            shown = ", ".join(problems[:12]) + (f", ... ({len(problems) - 12} more)" if len(problems) > 12 else "")
+            raise ValueError(f"the {source} statistics " + reasons[kind].format(shown))
 
 
 class _ObservationStep(ProcessorStep):
