@@ -19,9 +19,10 @@ POST /act with a JSON object (the original's `models/modeling_xvla.py` /act):
 
 -> 200 {"action": [[...], ...]} (chunk_size actions, through the checkpoint's postprocessor)
 -> 4xx {"error": "..."} for every invalid request: 400 (naming the field), 404, 405, 408 (body slower than
-   body_timeout_s), 411 (no Content-Length), 413 (body over --max-request-mb, refused before it is read).
+   body_timeout_s, or than min_body_rate while the server is full), 411 (no Content-Length), 413 (body over
+   --max-request-mb, refused before it is read).
    Error answers close the connection. Malformed HTTP (request line, headers) gets uvicorn's plain-text
-   400, and a request that finds every one of max_connections other connections busy its plain-text 503.
+   400, and a request that finds max_connections others in progress 503 {"error": "..."} (see below).
    A client that ends its side (shutdown(SHUT_WR)) still gets the answer to each request it sent, then the
    close; a body shorter than its Content-Length gets 400, a request line or headers cut off a plain-text
    400. A connection is closed the way nginx closes one ("lingering close"): after the answer the server
@@ -31,11 +32,19 @@ GET /health -> 200 {"status": "ok", "cameras": [...], "state_width": ..., "num_d
 
 Resources are bounded: a connection that sends no complete request line and headers within keep_alive_s
 is closed (uvicorn alone waits forever for a first request, and any byte cancels its keep-alive timer);
-a body must arrive within body_timeout_s. Requests are served on at most max_connections connections;
-idle ones do not hold a request out: when a request head arrives with more connections open, those
-without a request in progress (idle, trickling headers, draining an answer) are closed, longest waiting
-first. Only requests close others, so connections that send nothing cannot push out a request on its way
-(`GuardedH11Protocol`); a request meets 503 only when max_connections others have requests in progress.
+a body must arrive within body_timeout_s (and the unread rest of one the app answered without reading it
+within keep_alive_s). At most max_connections requests are in progress at a time, and idle or slow
+connections cannot hold one out (`GuardedH11Protocol`): a request head that finds max_connections others
+in progress refuses (408) those whose body has come slower than min_body_rate (64 KiB/s) since GRACE_S
+(1 s) after their head, slowest first. Heads take turns: one that finds earlier heads waiting, or no room
+while bodies within their grace may still fall behind, waits (at most keep_alive_s); a request meets 503
+only when max_connections others are in progress with bodies that keep up min_body_rate. Holding the
+server so costs a client max_connections x min_body_rate (2 MiB/s), not a few bytes, while honest clients,
+which send the body with the head at the speed of their link, are not touched. Idle connections are not
+counted; with more than max_connections open, those without a request (idle, trickling headers, kept
+alive after an answer) are closed, longest waiting first, once they have had an answer or GRACE_S to send
+a head, so a new client's connection is not closed before its request comes. min_body_rate is an
+XVLAServer argument (0 turns the rule off).
 DECODE_SLOTS requests are parsed and their images decoded at a time, one image after another, and each
 image leaves validation as uint8 at the network's size (`CheckpointShape.view_size`), so the model lock
 never sees more: a JPEG is decoded at the smallest DCT scale (1/8..1) that covers that size, a PNG once at
@@ -69,6 +78,7 @@ import struct
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -118,6 +128,8 @@ KEEP_ALIVE_S = 5
 BODY_TIMEOUT_S = 30
 LINGER_S = 2
 MAX_CONNECTIONS = 32
+MIN_BODY_RATE = 64 * 1024  # bytes/s a body must keep up, once GRACE_S have passed, while the server is full
+GRACE_S = 1  # how long a connection may wait for its head, or come slower than MIN_BODY_RATE, before it is judged
 DECODE_SLOTS = 2
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -531,11 +543,16 @@ def make_app(service: XVLAService, max_request_bytes: int, body_timeout_s: float
     return app
 
 
-_REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-_CUT_TEXT = b"the client ended its side inside a request line or its headers"
-_CUT_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(
-    _CUT_TEXT
-) + b"Connection: close\r\n\r\n" + _CUT_TEXT
+def _raw_answer(status: int, body: bytes = b"", media_type: str = "text/plain; charset=utf-8") -> bytes:
+    """An answer that closes the connection, written by the protocol itself: for requests the app does not
+    answer (cut off, too slow, no room), so neither h11 nor the app has an answer to give."""
+    content_type = f"Content-Type: {media_type}\r\n".encode() if body else b""
+    head = b"HTTP/1.1 %d %s\r\n%sContent-Length: %d\r\nConnection: close\r\n\r\n"
+    return head % (status, HTTPStatus(status).phrase.encode(), content_type, len(body)) + body
+
+
+_REQUEST_TIMEOUT = _raw_answer(408)
+_CUT_REQUEST = _raw_answer(400, b"the client ended its side inside a request line or its headers")
 
 
 class LingeringTransport:
@@ -571,16 +588,26 @@ class LingeringTransport:
 
 
 class _RequestWatch(h11.Connection):
-    """h11's server connection, calling `on_request` as each request head is parsed (before uvicorn sees it)."""
+    """h11's server connection, asking `admit()` about each request head as it is parsed (before uvicorn sees
+    it): a head not admitted yet is held back (`held`; uvicorn is told NEED_DATA) and asked about again at the
+    next call. Counts the body bytes of the request in progress (`body_bytes`)."""
 
-    def __init__(self, role: type[h11.SERVER], max_incomplete_event_size: int, on_request: Any) -> None:
+    def __init__(self, role: type[h11.SERVER], max_incomplete_event_size: int, admit: Any) -> None:
         super().__init__(role, max_incomplete_event_size)
-        self.on_request = on_request
+        self.admit = admit
+        self.held: h11.Request | None = None
+        self.body_bytes = 0
 
     def next_event(self) -> Any:
-        event = super().next_event()
+        event = self.held if self.held is not None else super().next_event()
+        self.held = None
         if isinstance(event, h11.Request):
-            self.on_request()
+            if not self.admit(event):
+                self.held = event
+                return h11.NEED_DATA
+            self.body_bytes = 0
+        elif isinstance(event, h11.Data):
+            self.body_bytes += len(event.data)
         return event
 
 
@@ -594,24 +621,40 @@ class GuardedH11Protocol(H11Protocol):
     - A client that ends its side (shutdown(SHUT_WR)) after a request still gets the answer, then the
       connection closes; a body shorter than its Content-Length gets 400, a request line or headers cut off
       a plain-text 400. (uvicorn closes on the end of the stream and drops the answer.)
-    - Room for requests: when a request's head arrives while more than max_connections connections are open,
-      the connections without a request in progress (idle, sending headers, draining after their answer) are
-      closed, those that have waited longest first, until at most max_connections remain. Only a request
-      head closes others, never a new connection: clients that open connections and send nothing close
-      nobody's, so they cannot push out a request still on its way. When every other connection has a
-      request in progress, uvicorn (`limit_concurrency`) answers the request 503.
+    - Room for requests (`_admit`, `_make_room`): at most max_connections requests in progress. A head that
+      finds max_connections others in progress makes room by refusing (408) those whose body has come
+      slower than min_body_rate once GRACE_S have passed since their head, slowest first. Heads take turns,
+      first come first served: one that finds earlier ones waiting, or no room while bodies within their
+      grace may still be judged, is held back (reading paused) until a request ends or is admitted or a
+      body is judged, for at most keep_alive_s; no room otherwise is 503. Connections without a request are
+      not counted, but beyond max_connections open, those that have had an answer or GRACE_S since they
+      opened are closed, longest waiting first. Only a request head closes others, never a new connection.
+      (The limit is kept here, not by uvicorn's limit_concurrency, which also counts the tasks of requests
+      refused a moment ago.)
+    - After an answer, the rest of a body the app did not read (GET /health with a body) must arrive within
+      keep_alive_s, as a next request's head must: uvicorn would read it for as long as it comes.
     - Closing goes through `LingeringTransport`."""
 
     def __init__(
-        self, *args: Any, linger_s: float = LINGER_S, max_connections: int = MAX_CONNECTIONS, **kwargs: Any
+        self,
+        *args: Any,
+        linger_s: float = LINGER_S,
+        max_connections: int = MAX_CONNECTIONS,
+        min_body_rate: float = MIN_BODY_RATE,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         limit = self.config.h11_max_incomplete_event_size
-        self.conn = _RequestWatch(h11.SERVER, limit or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE, self._make_room)
+        self.conn = _RequestWatch(h11.SERVER, limit or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE, self._admit)
         self.linger_s = linger_s
         self.max_connections = max_connections
+        self.min_body_rate = min_body_rate
+        self.request_since = 0.0  # when the last request was admitted (its head passed to uvicorn)
+        self.held_since: float | None = None  # when the head now held back arrived
+        self.hold: asyncio.TimerHandle | None = None
         self.header_deadline: asyncio.TimerHandle | None = None
         self.waiting_since = 0.0  # when the connection, or its last answer, began to wait for a request
+        self.answered = False  # whether a request has been answered here (a kept-alive connection)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(LingeringTransport(transport, self.loop, self.linger_s))  # type: ignore[arg-type]
@@ -631,7 +674,8 @@ class GuardedH11Protocol(H11Protocol):
         return True
 
     def on_response_complete(self) -> None:
-        self.waiting_since = self.loop.time()
+        self.waiting_since, self.answered = self.loop.time(), True
+        self._wake_held()
         super().on_response_complete()  # starts a pipelined request, if a complete one is waiting
         if self.transport.client_ended:
             self._answer_the_ended_client()
@@ -639,9 +683,11 @@ class GuardedH11Protocol(H11Protocol):
             self._arm_header_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.header_deadline is not None:
-            self.header_deadline.cancel()
+        for timer in (self.header_deadline, self.hold):
+            if timer is not None:
+                timer.cancel()
         super().connection_lost(exc)
+        self._wake_held()
 
     def _answer_the_ended_client(self) -> None:
         if self.transport.is_closing():
@@ -655,23 +701,121 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.close()
         # else a complete request is being answered; this runs again when its answer is complete
 
-    def reclaimable(self) -> bool:
-        """Whether closing this connection loses no request: it has none in progress."""
-        return self.transport.is_closing() or self.conn.their_state is h11.IDLE
+    def answering(self) -> bool:
+        """Whether a request has reached the app and is not answered yet."""
+        return self.cycle is not None and not self.cycle.response_complete and not self.transport.is_closing()
 
-    def _make_room(self) -> None:
-        """A request head has arrived here (uvicorn checks the limit next): close connections without a
-        request in progress, answered ones first, then those that have waited longest, until at most
-        max_connections are open."""
-        excess = len(self.connections) - self.max_connections
-        if excess <= 0:
-            return
-        others = (c for c in self.connections if c is not self and isinstance(c, GuardedH11Protocol))
-        waiting = [c for c in others if c.reclaimable()]
-        waiting.sort(key=lambda c: (not c.transport.is_closing(), c.waiting_since))
-        for victim in waiting[:excess]:  # if too few, every other connection has a request: this one gets 503
+    def waiting_for_room(self) -> bool:
+        """Whether a request head is held back here until there is room for it (`_admit`)."""
+        return self.conn.held is not None and not self.transport.is_closing()
+
+    def request_in_progress(self) -> bool:
+        """Whether a request is being received, held back or answered here: closing would lose it."""
+        return self.answering() or self.waiting_for_room()
+
+    def slow_body_rate(self, now: float) -> float | None:
+        """The rate (bytes/s) at which this request's body has come since it was admitted, when GRACE_S have
+        passed and it is below min_body_rate; None otherwise."""
+        elapsed = now - self.request_since
+        if not self.answering() or self.conn.their_state is not h11.SEND_BODY or elapsed < GRACE_S:
+            return None
+        rate = self.conn.body_bytes / elapsed
+        return rate if rate < self.min_body_rate else None
+
+    def idle_for_room(self, now: float) -> bool:
+        """Whether this connection may be closed as idle: it has no request in progress, and it has had an
+        answer or GRACE_S to send its first head (a new client's head may be on its way)."""
+        if self.transport.is_closing() or self.request_in_progress():
+            return False
+        return self.answered or now - self.waiting_since >= GRACE_S
+
+    def judged_at(self, now: float) -> float | None:
+        """When this request's body, behind min_body_rate but still within GRACE_S, will be judged."""
+        judged = self.request_since + GRACE_S
+        if not self.answering() or self.conn.their_state is not h11.SEND_BODY or judged <= now:
+            return None
+        return judged if self.conn.body_bytes < self.min_body_rate * GRACE_S else None
+
+    def _admit(self, head: h11.Request) -> bool:
+        """A request head has arrived: make room for it (`_make_room`). When heads that came earlier are waiting,
+        or there is no room but bodies within their grace will be judged (`judged_at`), it waits in turn (held
+        back, reading paused; woken when a request ends or is admitted, or a body is judged), for at most
+        keep_alive_s. Otherwise, and after that, no room is 503."""
+        now = self.loop.time()
+        if self.held_since is None:
+            self.held_since = now
+        if self.hold is not None:
+            self.hold.cancel()
+        others = [c for c in self.connections if c is not self and isinstance(c, GuardedH11Protocol)]
+        first = all(c.held_since >= self.held_since for c in others if c.waiting_for_room())
+        if first and self._make_room(others, now):
+            self.held_since, self.hold, self.request_since = None, None, now
+            self._wake_held()  # there may be room for the next one too
+            return True
+        give_up = self.held_since + self.timeout_keep_alive
+        judged = min(filter(None, (c.judged_at(now) for c in others)), default=None)
+        if now < give_up and (not first or judged is not None):  # else only requests in progress: 503 now
+            self.flow.pause_reading()
+            self.hold = self.loop.call_at(min(judged or give_up, give_up), self._release)
+        else:
+            request = f"{head.method.decode()} {head.target.decode('ascii', 'replace')[:200]}"
+            full = f"the server is full: max_connections={self.max_connections} connections have a request in progress"
+            self._answer_and_close(503, {"error": f"{request}: {full}"})
+        return False
+
+    def _release(self) -> None:
+        if not self.transport.is_closing():
+            self.handle_events()  # the held head is asked about again
+
+    def _wake_held(self) -> None:
+        """A request has ended or been admitted: the head that has waited longest asks again."""
+        held = [c for c in self.connections if isinstance(c, GuardedH11Protocol) and c.waiting_for_room()]
+        if held:
+            self.loop.call_soon(min(held, key=lambda c: c.held_since)._release)
+
+    def shutdown(self) -> None:
+        if self.conn.held is None:
+            super().shutdown()
+        else:  # the server is going away; uvicorn's shutdown expects a request to have its cycle
+            self.transport.close()
+
+    def _make_room(self, others: list[GuardedH11Protocol], now: float) -> bool:
+        """Room for this request: at most max_connections requests in progress with it, bodies slower than
+        min_body_rate refused (408, slowest first) to make it; False, refusing none, when that is not enough.
+        Then idle connections (`idle_for_room`), longest waiting first, are closed until at most
+        max_connections are open, as far as there are such."""
+        for closing in (c for c in others if c.transport.is_closing()):
+            closing.connections.discard(closing)  # answered: its slot is free, and its lingering close goes on
+        busy = [c for c in others if c.answering()]
+        rates = {c: rate for c in busy if (rate := c.slow_body_rate(now)) is not None}
+        excess = len(busy) + 1 - self.max_connections
+        if len(rates) < excess:
+            return False
+        for victim in sorted(rates, key=rates.get)[: max(excess, 0)]:
             victim.connections.discard(victim)  # its slot is free now, before the transport reports the close
+            victim._refuse_slow_body(rates[victim], now)
+        idle = sorted((c for c in others if c.idle_for_room(now)), key=lambda c: c.waiting_since)
+        for victim in idle[: max(len(self.connections) - self.max_connections, 0)]:
+            victim.connections.discard(victim)
             victim.transport.transport.close()
+        return True
+
+    def _refuse_slow_body(self, rate: float, now: float) -> None:
+        """Answer 408 in place of the app, which is waiting for the body: it is told the client left, so its
+        own answer is not sent. The rest of the body is drained by the lingering close."""
+        message = (
+            f"{self.scope['method']} {self.scope['path']}: the body came at {rate:.0f} bytes/s "
+            f"({self.conn.body_bytes} bytes in {now - self.request_since:.1f} s); while the server is full, "
+            f"bodies slower than {self.min_body_rate:.0f} bytes/s are refused"
+        )
+        self.cycle.disconnected = True
+        self.cycle.message_event.set()
+        self._answer_and_close(408, {"error": message})
+
+    def _answer_and_close(self, status: int, content: dict) -> None:
+        """A JSON answer written here, for a request the app does not answer; then the lingering close."""
+        self.transport.write(_raw_answer(status, json.dumps(content).encode(), "application/json"))
+        self.transport.close()
 
     def _arm_header_deadline(self) -> None:
         if self.header_deadline is not None:
@@ -679,9 +823,9 @@ class GuardedH11Protocol(H11Protocol):
         self.header_deadline = self.loop.call_later(self.timeout_keep_alive, self._header_deadline_passed)
 
     def _header_deadline_passed(self) -> None:
-        if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+        if self.request_in_progress() or self.transport.is_closing():
             return  # a request arrived (its body has its own deadline) or the connection is gone
-        if self.conn.trailing_data[0]:  # part of a request came: say why it is cut off
+        if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:  # part of a head: say why it is cut off
             self.transport.write(_REQUEST_TIMEOUT)
         self.transport.close()
 
@@ -701,18 +845,19 @@ class XVLAServer:
         body_timeout_s: float = BODY_TIMEOUT_S,
         max_connections: int = MAX_CONNECTIONS,
         linger_s: float = LINGER_S,
+        min_body_rate: float = MIN_BODY_RATE,
     ) -> None:
         app = make_app(service, int(max_request_mb * 1024 * 1024), body_timeout_s)
         self.socket = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.port: int = self.socket.getsockname()[1]
         config = uvicorn.Config(
             app,
-            http=functools.partial(GuardedH11Protocol, linger_s=linger_s, max_connections=max_connections),
+            http=functools.partial(
+                GuardedH11Protocol, linger_s=linger_s, max_connections=max_connections, min_body_rate=min_body_rate
+            ),
             lifespan="off",
             log_config=None,  # leave the application's logging configuration alone
             timeout_keep_alive=keep_alive_s,
-            # uvicorn answers 503 once its count of connections, this one included, reaches the limit.
-            limit_concurrency=max_connections + 1,
             timeout_graceful_shutdown=10,
         )
         self.server = uvicorn.Server(config)

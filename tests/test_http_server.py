@@ -292,94 +292,256 @@ def honest_requests(port: int, seconds: float, act_body: bytes) -> Counter:
     return seen
 
 
-class Squatters:
-    """`count` TCP connections that send nothing, and one that trickles a request header a byte at a time;
-    each is opened again as soon as the server closes it (checked every `every` s), as a client hoarding
-    connections does."""
+def honest_clients(port: int, clients: int = 3, seconds: float = 3.0) -> Counter:
+    """What `clients` honest clients see in `seconds` of `honest_requests` beside the hoarders."""
+    time.sleep(0.5)  # every hoarder connected and waiting
+    act_body = json.dumps(payload(steps=1)).encode()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        results = list(pool.map(honest_requests, [port] * clients, [seconds] * clients, [act_body] * clients))
+    return sum(results, Counter())
 
-    def __init__(self, port: int, count: int, every: float = 0.25) -> None:
+
+class Hoarders:
+    """TCP connections held the way a client hoarding them does, each opened again as soon as the server closes
+    it (checked every `every` s): `idle` ones that send nothing, `header_tricklers` that send a request header a
+    byte at a time, and `body_tricklers` that send a complete POST /act head declaring a 1 MB body, then one
+    body byte at a time. `answers` counts the status lines the server sent the body tricklers before closing."""
+
+    HEADER = b"POST /act HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Slow: " + b"a" * 10_000
+    BODY_HEAD = http_request(b"", headers={"Content-Length": str(10**6)})
+
+    def __init__(self, port: int, idle: int = 0, header_tricklers: int = 0, body_tricklers: int = 0,
+                 every: float = 0.25) -> None:
         self.port, self.every, self.stop = port, every, threading.Event()
-        self.idle: list[socket.socket] = [self._connect() for _ in range(count)]
-        self.trickler, self.trickled = self._connect(), 0
-        self.reopened = 0
+        kinds = ["idle"] * idle + ["header"] * header_tricklers + ["body"] * body_tricklers
+        self.connections = [self._connect(kind) for kind in kinds]
+        self.reopened, self.answers = 0, Counter()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def _connect(self) -> socket.socket:
+    def _connect(self, kind: str) -> dict:
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        if kind == "body":
+            sock.sendall(self.BODY_HEAD)
         sock.setblocking(False)
-        return sock
+        return {"kind": kind, "sock": sock, "sent": 0, "received": b""}
 
     @staticmethod
-    def _closed(sock: socket.socket) -> bool:
+    def _closed(connection: dict) -> bool:
         try:
-            return sock.recv(65536) == b""
+            while chunk := connection["sock"].recv(65536):
+                connection["received"] += chunk
+            return True
         except BlockingIOError:
             return False
         except OSError:
             return True
 
     def _run(self) -> None:
-        header = b"POST /act HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Slow: " + b"a" * 10_000
         while not self.stop.wait(self.every):
-            for index, sock in enumerate(self.idle):
-                if self._closed(sock):
-                    sock.close()
-                    self.idle[index] = self._connect()
-                    self.reopened += 1
-            try:
-                self.trickler.send(header[self.trickled % len(header) : self.trickled % len(header) + 1])
-                self.trickled += 1
-            except OSError:
-                self.trickler.close()
-                self.trickler, self.trickled = self._connect(), 0
+            for index, connection in enumerate(self.connections):
+                kind, sock = connection["kind"], connection["sock"]
+                try:
+                    if not self._closed(connection):
+                        if kind == "header":
+                            sent = connection["sent"] % len(self.HEADER)
+                            sock.send(self.HEADER[sent : sent + 1])
+                        elif kind == "body":
+                            sock.send(b"x")
+                        connection["sent"] += 1
+                        continue
+                except OSError:
+                    pass
+                sock.close()
+                if kind == "body":
+                    self.answers.update(status_lines(connection["received"]) or ["none"])
+                self.connections[index] = self._connect(kind)
                 self.reopened += 1
 
-    def __enter__(self) -> Squatters:
+    def __enter__(self) -> Hoarders:
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join()
-        for sock in (*self.idle, self.trickler):
-            sock.close()
+        for connection in self.connections:
+            connection["sock"].close()
 
 
 @pytest.mark.parametrize("idle", [31, 64])
 def test_idle_and_trickling_connections_do_not_lock_out_clients(service, idle, capsys):
     # The limits of `lerobot-xvla serve`: 32 connections, 5 s for a request's headers.
-    with serving(service) as port, Squatters(port, idle) as squatters:
-        time.sleep(0.5)  # every squatter connected and waiting
-        act_body = json.dumps(payload(steps=1)).encode()
-        with ThreadPoolExecutor(max_workers=3) as pool:
-            results = list(pool.map(honest_requests, [port] * 3, [3.0] * 3, [act_body] * 3))
-        seen = sum(results, Counter())
+    with serving(service) as port, Hoarders(port, idle=idle, header_tricklers=1) as hoarders:
+        seen = honest_clients(port)
     with capsys.disabled():
-        print(f"\n{idle} idle sockets and a trickling client (reopened {squatters.reopened} times): honest clients "
+        print(f"\n{idle} idle sockets and a trickling client (reopened {hoarders.reopened} times): honest clients "
               f"got {dict(seen)}")
     assert set(seen) == {200} and seen[200] >= 6, seen
 
 
-def test_clients_above_the_connection_limit_get_503(service):
+@pytest.mark.parametrize("tricklers", [32, 64])
+def test_bodies_trickled_while_the_server_is_full_do_not_lock_out_clients(service, tricklers, capsys):
+    # Complete heads, then a byte of body every 0.25 s: a body has 30 s to arrive, so each trickler could hold
+    # its connection that long. While the server is full, a body slower than min_body_rate after GRACE_S is
+    # refused (408) to make room; honest bodies arrive at once, and their requests wait their turn.
+    with serving(service) as port, Hoarders(port, body_tricklers=tricklers) as hoarders:
+        seen = honest_clients(port)
+    with capsys.disabled():
+        print(f"\n{tricklers} clients trickling bodies (reopened {hoarders.reopened} times, answered "
+              f"{dict(hoarders.answers)}): honest clients got {dict(seen)}")
+    assert set(seen) == {200} and seen[200] >= 6, seen
+    # 408 when refused to make room (503 if a trickler's own head waited keep_alive_s for its turn); never served
+    assert set(hoarders.answers) <= {408, 503} and hoarders.answers[408] > 0, hoarders.answers
+
+
+def test_clients_above_the_connection_limit_get_503(service, monkeypatch):
     body = json.dumps(payload(steps=1)).encode()
-    with serving(service, max_connections=4, body_timeout_s=20) as port:
-        holders = []  # four connections with a request in progress: their bodies have not all arrived
+    release, act = threading.Event(), service.act
+    monkeypatch.setattr(service, "act", lambda request: release.wait(60) and act(request))
+    with serving(service, max_connections=4) as port:
+        holders = []  # four connections with a request in progress: sent whole, held in the model call
         for _ in range(4):
-            sock = socket.create_connection(("127.0.0.1", port), timeout=20)
-            sock.sendall(http_request(body)[:-10])
+            sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+            sock.sendall(http_request(body))
             holders.append(sock)
         time.sleep(0.5)  # the server has taken the four requests
         above = Counter(exchange(port, http_request(b"", "GET", "/health"), "GET")[0] for _ in range(6))
+        release.set()
         answers = []
         for sock in holders:  # the four requests were served, not refused
-            sock.sendall(b"x" * 10)
             response = http.client.HTTPResponse(sock, method="POST")
             response.begin()
             answers.append(response.status)
             response.read()
             sock.close()
         after = exchange(port, http_request(b"", "GET", "/health"), "GET")[0]
-    assert (above, answers, after) == (Counter({503: 6}), [400] * 4, 200)
+    assert (above, answers, after) == (Counter({503: 6}), [200] * 4, 200)
+
+
+def send_paced(sock: socket.socket, data: bytes, rate: float, piece: int = 8192) -> None:
+    """Send `data` at about `rate` bytes/s, `piece` bytes at a time."""
+    start = time.monotonic()
+    for offset in range(0, len(data), piece):
+        time.sleep(max(0.0, start + offset / rate - time.monotonic()))
+        sock.sendall(data[offset : offset + piece])
+
+
+def test_a_full_server_refuses_the_slow_body_and_keeps_the_upload_at_rate(service):
+    """Two connections, both full: one trickles its body, one uploads at twice min_body_rate. A third request
+    refuses the trickler (408, named) and is served; the upload is served too."""
+    upload = http_request(json.dumps(payload(size=(200, 300), steps=1)).encode())
+    with serving(service, max_connections=2) as port, ThreadPoolExecutor(max_workers=1) as pool:
+        trickler = socket.create_connection(("127.0.0.1", port), timeout=30)
+        trickler.sendall(http_request(b"", headers={"Content-Length": "1000"}) + b"{")
+        uploader = socket.create_connection(("127.0.0.1", port), timeout=60)
+        sending = pool.submit(send_paced, uploader, upload, 2 * http_server.MIN_BODY_RATE)
+        time.sleep(http_server.GRACE_S + 0.5)
+        assert not sending.done()  # still uploading: the server is full of bodies in progress
+        third = exchange(port, http_request(b"", "GET", "/health"), "GET")
+        refused = trickler.makefile("rb").read()
+        sending.result()
+        response = http.client.HTTPResponse(uploader, method="POST")
+        response.begin()
+        uploaded = response.status, json.loads(response.read())
+    assert third[0] == 200 and uploaded[0] == 200 and len(uploaded[1]["action"]) == 30, (third, uploaded)
+    assert refused.startswith(b"HTTP/1.1 408 "), refused
+    message = json.loads(refused.split(b"\r\n\r\n", 1)[1])["error"]
+    assert re.fullmatch(
+        r"POST /act: the body came at \d bytes/s \(1 bytes in \d+\.\d s\); while the server is full, bodies slower "
+        r"than 65536 bytes/s are refused", message), message
+
+
+def timed_exchange(port: int, raw: bytes, method: str) -> tuple[int | None, float]:
+    start = time.monotonic()
+    return exchange(port, raw, method)[0], time.monotonic() - start
+
+
+@pytest.mark.parametrize("on_its_way", ["head", "body"])
+def test_a_client_whose_request_is_on_its_way_is_waited_for_not_closed(service, on_its_way):
+    """One request at a time. The first client connects (and, for "body", sends its head); a second request
+    comes 0.2 s later, the first's request (the rest of it) 0.3 s after that. Closing the first would drop an
+    honest client: it is kept, and the second is served beside its connection ("head") or waits for its
+    request to end ("body": at most GRACE_S, then the body would be judged)."""
+    body = json.dumps(payload(steps=1)).encode()
+    raw = http_request(body)
+    sent_first = len(raw) - len(body) if on_its_way == "body" else 0
+    with serving(service, max_connections=1) as port, ThreadPoolExecutor(max_workers=1) as pool:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as first:
+            first.sendall(raw[:sent_first])
+            time.sleep(0.2)
+            second = pool.submit(timed_exchange, port, http_request(b"", "GET", "/health"), "GET")
+            time.sleep(0.3)
+            first.sendall(raw[sent_first:])
+            response = http.client.HTTPResponse(first, method="POST")
+            response.begin()
+            answered = response.status, json.loads(response.read())
+        status, waited = second.result()
+    assert answered[0] == 200 and len(answered[1]["action"]) == 30, answered
+    assert status == 200 and (on_its_way == "head" or waited > 0.25), (status, waited)
+
+
+def test_idle_connections_are_closed_only_beyond_the_limit_longest_waiting_first(service):
+    """Four allowed. Two idle connections and a request: nothing is closed. Three more idle ones (six with the
+    request): the two that have waited longest are closed, once every one has had GRACE_S to send a head."""
+
+    def still_open(sock: socket.socket) -> bool:
+        try:
+            return sock.recv(1) != b""
+        except BlockingIOError:
+            return True
+
+    with serving(service, max_connections=4) as port:
+        idle = []
+        for count in (2, 3):
+            for _ in range(count):
+                idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+                idle[-1].setblocking(False)
+                time.sleep(0.05)  # a distinct waiting order
+            time.sleep(http_server.GRACE_S + 0.2)
+            assert exchange(port, http_request(b"", "GET", "/health"), "GET")[0] == 200
+            time.sleep(0.2)
+            if count == 2:
+                assert [still_open(sock) for sock in idle] == [True] * 2
+        states = [still_open(sock) for sock in idle]
+        for sock in idle:
+            sock.close()
+    assert states == [False, False, True, True, True], states
+
+
+def test_min_body_rate_is_the_servers_setting(service):
+    """min_body_rate=0 turns the rule off: the trickled body keeps its connection and a request beside it gets
+    503, named, at once (there is nothing to wait for)."""
+    with serving(service, max_connections=1, min_body_rate=0) as port, socket.create_connection(
+        ("127.0.0.1", port), timeout=30
+    ) as trickler:
+        trickler.sendall(http_request(b"", headers={"Content-Length": "1000"}) + b"{")
+        time.sleep(http_server.GRACE_S + 0.5)
+        status, waited = timed_exchange(port, http_request(b"", "GET", "/health"), "GET")
+        answer = exchange(port, http_request(b"", "GET", "/health"), "GET")
+    full = "GET /health: the server is full: max_connections=1 connections have a request in progress"
+    assert (status, json.loads(answer[1])) == (503, {"error": full}) and waited < 0.5, (status, answer, waited)
+
+
+def test_the_unread_body_of_an_answered_request_has_the_header_deadline(server):
+    """GET /health answers without reading a body; uvicorn would read the rest for as long as it comes."""
+    with socket.create_connection(("127.0.0.1", server)) as sock:
+        sock.sendall(http_request(b"", "GET", "/health", headers={"Content-Length": str(10**9)}))
+        sock.settimeout(0.1)
+        start, answer = time.monotonic(), b""
+        while time.monotonic() - start < KEEP_ALIVE_S + 10:  # a byte of the body every 0.1 s
+            try:
+                sock.sendall(b"x")
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:  # reset: closed while bytes still came
+                break
+            if not chunk:
+                break
+            answer += chunk
+        closed_after = time.monotonic() - start
+    assert status_lines(answer) == [200], answer
+    assert closed_after < KEEP_ALIVE_S + LINGER_S + 3, closed_after
 
 
 def test_three_4096_pixel_pngs_are_decoded_within_the_documented_memory(server, capsys):
