@@ -3,8 +3,13 @@ predicted proprio."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from lerobot.configs.types import RTCAttentionSchedule
+from lerobot.policies.rtc.configuration_rtc import RTCConfig
+from lerobot.policies.rtc.modeling_rtc import RTCProcessor
 
 from lerobot_xvla import XVLAConfigError, XVLAPolicy
 from lerobot_xvla.execution import ChunkExecutor, guidance_weights, interpolate
@@ -77,6 +82,57 @@ def test_rtc_weights_follow_the_overlap():
     assert weights.shape == (12,) and weights[8:].abs().sum() == 0
     assert torch.all(weights[:8][1:] <= weights[:8][:-1]) and 0 < weights[0] <= 1
     assert torch.equal(guidance_weights(overlap=8, horizon=12, inference_delay=3)[:3], torch.ones(3))
+
+
+def lerobots_rtc_weights(rtc_config: RTCConfig, delay: int, leftover: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """The prefix weights [chunk_size] LeRobot's own RTC applies for this config, delay and leftover: one guided
+    step of `RTCProcessor.denoise_step`, read back from its debug tracker."""
+    rtc = RTCProcessor(dataclasses.replace(rtc_config, debug=True))
+    rtc.denoise_step(torch.zeros(1, chunk_size, leftover.shape[-1]), leftover, delay, 0.5, torch.zeros_like)
+    return rtc.get_all_debug_steps()[0].weights.reshape(chunk_size)
+
+
+@pytest.mark.parametrize("schedule", list(RTCAttentionSchedule))
+def test_lerobot_rtc_follows_its_prefix_schedule_and_pulls_each_action_by_its_weight(weights, schedule, monkeypatch):
+    """predict_action_chunk(inference_delay=, prev_chunk_left_over=) with the rtc_config lerobot-rollout
+    --inference.type=rtc sets: each action is guided with the weight LeRobot's RTC gives it on the same inputs
+    (1 for the first inference_delay, then the schedule over the execution horizon or the leftover if shorter,
+    then 0), number by number; and the chunk is the model's own last estimate pulled towards the leftover by
+    exactly that weight: (1 - w) of its distance is left, none where w = 1, all of it where w = 0."""
+    policy = policy_with(weights)
+    chunk_size, width = policy.config.chunk_size, policy.model.action_mode.chunk_width
+    guided = [c for c in range(width) if c not in policy.model.action_mode.logit_channels]  # logits are left free
+    batch = make_batch(policy.config, batch_size=1)
+    seen = {}
+    sample, denoise_step = policy.model.sample, policy.model.denoise_step
+
+    def recorded_sample(*args):
+        seen["weight"] = args[-1]  # [1, chunk_size, dim_action]
+        return sample(*args)
+
+    def recorded_denoise_step(*args):
+        seen["estimate"] = denoise_step(*args)  # the last one is the estimate the last guidance acts on
+        return seen["estimate"]
+
+    monkeypatch.setattr(policy.model, "sample", recorded_sample)
+    monkeypatch.setattr(policy.model, "denoise_step", recorded_denoise_step)
+    for delay, horizon, left in [(0, 10, 24), (3, 10, 24), (2, 12, 8), (4, 30, 30)]:
+        leftover = torch.linspace(-1, 1, left)[:, None] + torch.linspace(0, 0.5, width)
+        # enabled, as the RTC engines set it: LeRobot 0.4's default is off
+        rtc_config = RTCConfig(enabled=True, prefix_attention_schedule=schedule, execution_horizon=horizon)
+        policy.config.rtc_config = rtc_config
+        expected = lerobots_rtc_weights(rtc_config, delay, leftover, chunk_size)
+        chunk = policy.predict_action_chunk(batch, inference_delay=delay, prev_chunk_left_over=leftover)[0]
+
+        applied = seen["weight"][0, :, :width]
+        assert torch.equal(applied[:, guided], expected[:, None].expand(-1, len(guided))), (delay, horizon, left)
+        assert not applied[:, list(policy.model.action_mode.logit_channels)].any()
+        target = torch.zeros(chunk_size, width)
+        target[: min(horizon, left)] = leftover[:horizon]
+        estimate = seen["estimate"][0, :, :width]
+        torch.testing.assert_close(
+            (chunk - target)[:, guided], (1 - expected)[:, None] * (estimate - target)[:, guided], rtol=0, atol=1e-6
+        )
 
 
 def test_rtc_guidance_and_cross_fading_keep_the_plan_at_chunk_boundaries(weights):
