@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def fresh_output_dir(path: Path) -> Path:
+    """`path` resolved and created; a benchmark never writes over an earlier run's output."""
+    out = path.resolve()
+    if out.exists():
+        sys.exit(f"refusing to overwrite {out}: pass another --output-dir or remove it")
+    out.mkdir(parents=True)
+    return out
 
 
 def full_size_kwargs(device: str = "cpu", **overrides: Any) -> dict[str, Any]:

@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from common import fresh_output_dir
 
 from lerobot_xvla.demo import DEMO_CONFIG, lerobot_command, run, save_untrained_policy
 from lerobot_xvla.demo_report import wilson_interval
@@ -69,9 +69,10 @@ def record(root: Path, episodes: int, noise_deg: float) -> None:
     env.close()
 
 
-def evaluate(checkpoint: Path, output_dir: Path, episodes: int) -> np.ndarray:
+def evaluate(checkpoint: Path, output_dir: Path, episodes: int, *extra: str) -> np.ndarray:
+    """Successes of `lerobot-eval` in the simulated arm on env seeds EVAL_SEED...; `extra`: more lerobot-eval flags."""
     run([
-        lerobot_command("lerobot-eval"), f"--policy.path={checkpoint}", "--env.type=so101_reach", f"--env.task={TASK}",
+        lerobot_command("lerobot-eval"), f"--policy.path={checkpoint}", "--env.type=so101_reach", f"--env.task={TASK}", *extra,
         f"--env.observation_height={IMAGE_SIZE}", f"--env.observation_width={IMAGE_SIZE}", f"--env.episode_length={EPISODE_LENGTH}",
         f"--eval.n_episodes={episodes}", f"--eval.batch_size={min(episodes, 10)}", f"--seed={EVAL_SEED}",
         "--policy.device=cpu", f"--output_dir={output_dir}",
@@ -88,10 +89,7 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=30)
     parser.add_argument("--noise-deg", type=float, default=1.5)
     args = parser.parse_args()
-    out = args.output_dir.resolve()
-    if out.exists():
-        sys.exit(f"refusing to overwrite {out}: pass another --output-dir or remove it")
-    out.mkdir(parents=True)
+    out = fresh_output_dir(args.output_dir)
     timings = {}
     start = time.monotonic()
     record(out / "dataset", args.episodes, args.noise_deg)

@@ -19,6 +19,10 @@ Variants:
     ours_bf16           lerobot_xvla, dtype=bfloat16: bf16 autocast over fp32 master weights and optimizer state
     ours_bf16_gc        ours_bf16 with gradient_checkpointing=true
     ours_lora_bf16_gc   LoRA with the recipe's defaults (r=8), bf16 autocast, gradient checkpointing
+    <variant>_mixture   any of ours_* trained as a two-robot mixture (`--policy.mixture`): half the batch a 20-D
+                        ee6d robot with 3 cameras, half a one-arm (10-D) robot with 2, so each domain's loss, input
+                        masking and view mask run per sample; what the mixture adds to a step is the difference
+                        to <variant> (e.g. ours_lora_bf16_gc,ours_lora_bf16_gc_mixture)
 """
 
 from __future__ import annotations
@@ -38,11 +42,26 @@ import warnings
 from common import full_size_kwargs, random_batch
 
 VARIANTS = ("builtin_fp32", "builtin_bf16", "ours_fp32", "ours_bf16", "ours_bf16_gc", "ours_lora_bf16_gc")
+MIXTURE = "_mixture"
+
+
+def two_robot_mixture() -> list:
+    """The mixture of the *_mixture variants: domains 0 (two arms, 3 cameras) and 1 (one arm, 2 cameras)."""
+    from lerobot_xvla.mixture.sources import MixtureSource
+
+    cameras = [f"observation.images.cam{i}" for i in range(3)]
+    return [
+        MixtureSource(repo_id="bench/two_arms", domain_id=0, action_dim=20, state_dim=20, cameras=cameras),
+        MixtureSource(repo_id="bench/one_arm", domain_id=1, action_dim=10, state_dim=20, cameras=cameras[:2]),
+    ]
 
 
 def build(variant: str):
     """(policy, optimizer, grad_clip_norm) for one variant, X-VLA-0.9B with the pretrained defaults."""
     import lerobot_xvla
+
+    mixture = two_robot_mixture() if variant.endswith(MIXTURE) else []
+    variant = variant.removesuffix(MIXTURE)
 
     common = full_size_kwargs(dtype="bfloat16" if "bf16" in variant or "lora" in variant else "float32")
     if variant.startswith("builtin"):
@@ -64,6 +83,7 @@ def build(variant: str):
             gradient_checkpointing=variant.endswith("_gc"),
             # LeRobot's wrap_with_peft refuses LoRA without a pretrained path; the weights do not matter here.
             pretrained_path="benchmark" if "lora" in variant else None,
+            mixture=mixture,
         )
         policy = XVLAPolicy(config)
         if "lora" in variant:
@@ -82,6 +102,11 @@ def run_variant(variant: str, steps: int, batch_size: int) -> dict:
     build_s = time.perf_counter() - start
     policy.train()
     data = random_batch(batch_size, seed=0, with_actions=True)
+    if variant.endswith(MIXTURE):
+        from lerobot_xvla.mixture.sources import MIXTURE_DOMAIN_KEY
+
+        data[MIXTURE_DOMAIN_KEY] = torch.arange(batch_size) % 2  # alternate robots; the one-arm samples' padding is 0
+        data["action"][1::2, :, 10:] = 0
     trainable = [p for p in policy.parameters() if p.requires_grad]
     times = []
     for _ in range(steps + 1):

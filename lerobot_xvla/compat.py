@@ -46,6 +46,8 @@ _TRAIN_UTILS = "lerobot.common.train_utils" if LEROBOT_06 else "lerobot.utils.tr
 _MOVED = {
     "load_training_state": _TRAIN_UTILS,
     "save_training_state": _TRAIN_UTILS,
+    # dataset features -> policy features (what make_policy does with a dataset's metadata)
+    "dataset_to_policy_features": "lerobot.utils.feature_utils" if LEROBOT_06 else "lerobot.datasets.utils",
     # what `--dataset.image_transforms.*` builds for the training dataset
     "ImageTransforms": "lerobot.transforms.transforms" if LEROBOT_06 else "lerobot.datasets.transforms",
 }
@@ -96,6 +98,7 @@ __all__ = [
     "ImageTransforms",
     "LEROBOT_06",
     "LEROBOT_VERSION",
+    "dataset_to_policy_features",
     "SAVED_LAYOUT",
     "SUPPORTED_LEROBOT",
     "load_training_state",

@@ -22,10 +22,11 @@ from huggingface_hub.constants import CONFIG_NAME
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.configs.types import FeatureType, NormalizationMode, PolicyFeature
 from lerobot.optim.optimizers import AdamWConfig
-from lerobot.utils.constants import OBS_IMAGES, OBS_STATE
+from lerobot.utils.constants import ACTION, OBS_IMAGES, OBS_STATE
 from transformers.utils import PaddingStrategy
 
 from .action_modes import ACTION_MODES, build_action_mode, check_action_dim, get_action_mode_class
+from .mixture.sources import MIXTURE_DOMAIN_KEY, MixtureError, MixtureSource, as_source, check_sources
 from .florence import (
     FLORENCE2_LARGE,
     check_image_size,
@@ -248,6 +249,14 @@ class XVLAConfig(PreTrainedConfig):
     # Robot type or dataset repo id -> domain id; when set, domain_id comes from it for the dataset trained
     # on or recorded (robot type first). A robot missing from it is an error.
     domain_map: dict[str, int] = plugin_only(default_factory=dict)
+    # Cross-embodiment training (docs/mixtures.md): several datasets and robots, each
+    # {repo_id, domain_id, weight, action_mode, rename_map, root, revision, episodes}; lerobot-train samples them
+    # by weight and normalises each domain with its own statistics. The checkpoint keeps each domain's widths and
+    # cameras; deploy one robot of it with --policy.domain_id.
+    mixture: list[MixtureSource] = plugin_only(default_factory=list)
+    # Ablation: every sample uses domain 0's soft prompts and action heads, whatever its domain id (statistics,
+    # widths, cameras and losses stay per domain): the domain-blind control of a mixture (docs/mixtures.md).
+    domain_blind: bool = plugin_only(False)
 
     # The image feature that goes through the language encoder with the text (the original `image0`, a fixed
     # third-person view). Default: the first image feature.
@@ -359,6 +368,7 @@ class XVLAConfig(PreTrainedConfig):
         self._check_choices()
         self._check_architecture()
         self._check_domains()
+        self._check_mixture()
         self._check_execution()
         if self.normalization_mapping is None:
             mode = get_action_mode_class(self.action_mode)
@@ -489,6 +499,27 @@ class XVLAConfig(PreTrainedConfig):
             f"init_domain_from={self.init_domain_from} needs domain_id set to the new robot's (another) id",
         )
 
+    def _check_mixture(self) -> None:
+        if not self.mixture:
+            return
+        try:
+            self.mixture = [as_source(entry, index) for index, entry in enumerate(self.mixture)]
+            check_sources(self.mixture, self.num_domains, self.action_mode)
+        except MixtureError as error:
+            raise XVLAConfigError(str(error)) from None
+        exclusive = {"domain_map": self.domain_map, "domain_feature_key": self.domain_feature_key,
+                     "anchor_horizon_s": self.anchor_horizon_s, "resize_imgs_with_padding": self.resize_imgs_with_padding}
+        for name, value in exclusive.items():
+            _require(not value, f"{name} cannot be combined with mixture (each source sets its domain; time anchors and "
+                                "letterboxing are not supported in mixtures yet)")
+        _require(not get_action_mode_class(self.action_mode).joint_space_robot,
+                 f"action_mode={self.action_mode} converts joints by kinematics, which a mixture does not support yet")
+        domains = sorted(self.mixture_domains)
+        _require(self.domain_id is None or self.domain_id in domains,
+                 f"domain_id={self.domain_id} is not one of the mixture's domains {domains}")
+        if self.domain_id is not None and self.default_task is None:  # envs that send no instruction get the domain's
+            self.default_task = self.mixture_domains[self.domain_id].task
+
     def _check_execution(self) -> None:
         _require(
             (self.anchor_horizon_s is None) == (self.anchor_fps is None),
@@ -562,6 +593,22 @@ class XVLAConfig(PreTrainedConfig):
         if self.anchor_horizon_frames is None:
             return self.chunk_size
         return round(self.anchor_horizon_frames)
+
+    @property
+    def mixture_domains(self) -> dict[int, MixtureSource]:
+        """Domain id -> the (first) mixture source of that domain; sources of one domain share its action space."""
+        domains: dict[int, MixtureSource] = {}
+        for source in self.mixture:
+            domains.setdefault(source.domain_id, source)
+        return domains
+
+    @property
+    def sample_domain_key(self) -> str | None:
+        """Batch key of per-sample domain ids: domain_feature_key, or while a mixture trains (no domain_id chosen)
+        the mixture's; None: every sample is domain_id."""
+        if self.mixture and self.domain_id is None:
+            return MIXTURE_DOMAIN_KEY
+        return self.domain_feature_key
 
     @property
     def default_domain_id(self) -> int:
@@ -657,13 +704,40 @@ class XVLAConfig(PreTrainedConfig):
                     f"observation.state has {state.shape[-1]} values but max_state_dim={self.max_state_dim}; "
                     "raise max_state_dim (the pretrained checkpoints use 20) or select fewer state values"
                 )
-        if self.action_dim is not None:
+        if self.mixture:
+            self._check_deployed_domain()
+        elif self.action_dim is not None:
             check_action_dim(self.action_mode, self.action_dim, self.max_action_dim)
         if get_action_mode_class(self.action_mode).joint_space_robot:
             self._check_joint_space_robot()
         views = len(images) + self.empty_cameras
         self.num_image_views = max(self.num_image_views or views, views)
         self._check_sequence_length(self.num_image_views)
+
+    def _check_deployed_domain(self) -> None:
+        """A mixture policy acting as one domain gets that domain's action width (the sources' widths were checked
+        against their datasets when the mixture was built)."""
+        source = self.mixture_domains.get(self.domain_id)
+        if source is None or self.action_dim is None or source.action_dim is None:
+            return
+        if self.action_dim != source.action_dim:
+            raise ValueError(
+                f"domain {self.domain_id} of this mixture policy was trained on {source.action_dim}-D actions "
+                f"({source.repo_id}), but the robot or env here has {self.action_dim}"
+            )
+
+    def act_as_domain(self) -> None:
+        """A mixture checkpoint loaded to act as its `domain_id` with no robot or env to say the width (LeRobot's
+        commands take the action feature from theirs): the action feature takes that domain's width."""
+        source = self.mixture_domains.get(self.domain_id) if self.mixture else None
+        if source is not None and source.action_dim is not None and self.action_feature is not None:
+            self.output_features[ACTION] = PolicyFeature(type=FeatureType.ACTION, shape=(source.action_dim,))
+
+    @property
+    def action_mode_of_domain(self) -> str:
+        """The action mode the network decodes with: the deployed mixture domain's, else action_mode."""
+        source = self.mixture_domains.get(self.domain_id) if self.mixture else None
+        return (source.action_mode if source is not None else None) or self.action_mode
 
     # ----------------------------------------------------------------------------------------------------
     # LeRobot contract

@@ -52,6 +52,8 @@ from .training import parameter_groups, resample_anchors
 logger = logging.getLogger(__name__)
 
 DOMAIN_ID = "domain_id"
+# Prefix of the per-domain loss sums a mixture's forward pass reports beside the loss terms (logged, not summed).
+DOMAIN_LOSS = "domain_loss/"
 ACTION_IS_PAD = "action_is_pad"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 # Layers whose weights weights_dtype="bfloat16" stores in bf16; norms and positional tables stay fp32.
@@ -111,8 +113,20 @@ class XVLAModel(nn.Module):
     def _set_action_space(self, config: XVLAConfig) -> None:
         """What the sampler reads of the config, whatever runs the network (torch here, ONNX Runtime in edge.py)."""
         self.config = config
-        self.action_mode = build_action_mode(config.action_mode, config.action_dim, config.max_action_dim)
+        self.action_mode = build_action_mode(config.action_mode_of_domain, config.action_dim, config.max_action_dim)
         self.dim_action = self.action_mode.dim_action
+        # A mixture in training: each domain's mode on its own width, so padded channels carry no loss.
+        self.domain_modes = {}
+        if config.mixture and config.domain_id is None:
+            widths = {d: s.action_dim for d, s in config.mixture_domains.items()}
+            if None in widths.values():
+                raise ValueError("the mixture's sources have no action widths yet: lerobot-train fills them from the datasets")
+            self.domain_modes = {
+                d: build_action_mode(s.action_mode or config.action_mode, s.action_dim, config.max_action_dim)
+                for d, s in config.mixture_domains.items()
+            }
+            if {m.dim_action for m in self.domain_modes.values()} != {self.dim_action}:
+                raise ValueError(f"the mixture's action modes denoise vectors of different widths than {self.dim_action}")
         self.dim_proprio = config.max_state_dim if config.use_proprio else 0
 
     def _freeze(self) -> None:
@@ -170,15 +184,46 @@ class XVLAModel(nn.Module):
         t = (torch.rand(1, device=action.device, dtype=dtype) + torch.arange(batch, device=action.device, dtype=dtype) / batch) % (1 - 1e-5)
         noise = torch.randn_like(action)
         x_t = noise * t[:, None, None] + action * (1 - t)[:, None, None]
-        mode = self.action_mode
         pred = self.transformer(
-            domain_id=domain_id,
-            action_with_noise=mode.mask_inputs(x_t),
-            proprio=mode.mask_inputs(proprio),
+            domain_id=self._network_domain(domain_id),
+            action_with_noise=self._mask_inputs(x_t, domain_id),
+            proprio=self._mask_inputs(proprio, domain_id),
             t=t,
             **encoded,
         )
-        return mode.loss(pred, action, action_valid)
+        if not self.domain_modes:
+            return self.action_mode.loss(pred, action, action_valid)
+        return self._mixture_losses(pred, action, action_valid, domain_id)
+
+    def _network_domain(self, domain_id: Tensor) -> Tensor:
+        """The domain whose soft prompts and heads a sample uses: its own, or domain 0 for every sample with
+        `domain_blind` (the ablation that keeps everything else per domain)."""
+        return torch.zeros_like(domain_id) if self.config.domain_blind else domain_id
+
+    def _mask_inputs(self, x: Tensor, domain_id: Tensor) -> Tensor:
+        """The action mode's input masking; in a mixture, each sample's domain's."""
+        if not self.domain_modes:
+            return self.action_mode.mask_inputs(x)
+        masked = x
+        for domain, mode in self.domain_modes.items():
+            chosen = (domain_id == domain).reshape(-1, *([1] * (x.ndim - 1)))
+            masked = torch.where(chosen, mode.mask_inputs(x), masked)
+        return masked
+
+    def _mixture_losses(self, pred: Tensor, action: Tensor, valid: Tensor | None, domain_id: Tensor) -> dict[str, Tensor]:
+        """Each domain's loss on its samples, weighted by their share of the batch (a per-sample mean over the batch),
+        plus each domain's summed loss under DOMAIN_LOSS (detached, for the logs)."""
+        terms: dict[str, Tensor] = {}
+        batch = pred.shape[0]
+        for domain, mode in self.domain_modes.items():
+            rows = (domain_id == domain).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            own = mode.loss(pred[rows], action[rows], None if valid is None else valid[rows])
+            for name, value in own.items():
+                terms[name] = terms.get(name, 0) + value * (rows.numel() / batch)
+            terms[f"{DOMAIN_LOSS}{domain}"] = torch.stack(list(own.values())).sum().detach()
+        return terms
 
     @torch.no_grad()
     def generate_actions(
@@ -210,6 +255,7 @@ class XVLAModel(nn.Module):
             channels[: actions.shape[-1]] = 1
             channels[list(self.action_mode.logit_channels)] = 0
             weight = time_weights.to(target)[None, :, None] * channels
+        domain_id = self._network_domain(domain_id)
         actions = self.sample(input_ids, image_input.to(dtype), image_mask, domain_id, proprio.to(dtype), noise.to(dtype), steps, target, weight)
         return self.action_mode.decode(actions)
 
@@ -281,8 +327,9 @@ class XVLAPolicy(PreTrainedPolicy):
         self.model = XVLAModel(config) if config.inference_backend == "torch" else _onnx_runtime_model(config)
         self._apply_weights_dtype()
         logger.info("X-VLA implementation: lerobot_xvla %s (%s)", __version__, config.action_mode)
-        self._loss_term_sums: dict[str, float] = {}
+        self._loss_term_sums: dict[str, list[float]] = {}  # name -> [sum, steps it was reported]
         self._loss_term_steps = 0
+        self._held_out_sums: dict[str, list[float]] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -293,14 +340,17 @@ class XVLAPolicy(PreTrainedPolicy):
         every = self.config.log_loss_terms_every
         if every <= 0:
             return
-        for name, value in logs.items():
-            self._loss_term_sums[name] = self._loss_term_sums.get(name, 0.0) + value
+        _accumulate(self._loss_term_sums, logs)
         self._loss_term_steps += 1
         if self._loss_term_steps == every:
-            terms = ", ".join(f"{k}={v / every:.4g}" for k, v in self._loss_term_sums.items())
-            logger.info("X-VLA loss terms (mean of %d steps): %s", every, terms)
-            self._loss_term_sums.clear()
+            logger.info("X-VLA loss terms (mean of %d steps): %s", every, _means(self._loss_term_sums))
             self._loss_term_steps = 0
+
+    def _log_held_out(self) -> None:
+        """lerobot-train's held-out pass (`--dataset.eval_split`) logs only the total loss; the per-term and per-domain
+        means of the forward passes made in eval mode are logged at the next training step."""
+        if self._held_out_sums:
+            logger.info("X-VLA held-out loss terms: %s", _means(self._held_out_sums))
 
     def get_optim_params(self) -> list[dict[str, Any]]:
         """The original's four parameter groups (`training.parameter_groups`)."""
@@ -399,7 +449,7 @@ class XVLAPolicy(PreTrainedPolicy):
         return image
 
     def _domain_ids(self, batch: dict[str, Any], batch_size: int, device: torch.device) -> Tensor:
-        key = next((k for k in (self.config.domain_feature_key, DOMAIN_ID) if k and k in batch), None)
+        key = next((k for k in (self.config.sample_domain_key, DOMAIN_ID) if k and k in batch), None)
         if key is None:
             return torch.full((batch_size,), self.config.default_domain_id, dtype=torch.long, device=device)
         ids = whole_domain_ids(batch[key], key).reshape(-1)
@@ -436,19 +486,29 @@ class XVLAPolicy(PreTrainedPolicy):
         if OBS_LANGUAGE_TOKENS not in batch:
             raise ValueError(f"the batch has no '{OBS_LANGUAGE_TOKENS}': run the X-VLA preprocessor (its tokenizer step)")
         input_ids = batch[OBS_LANGUAGE_TOKENS]
-        images, mask = self._images(batch, absent_cameras)
+        images, mask = self._images(batch, [*absent_cameras, *self._cameras_outside_domain()])
         batch_size, device = input_ids.shape[0], images.device
         proprio = self._proprio(batch, batch_size, device)
         sizes = {"language tokens": batch_size, "cameras": images.shape[0], OBS_STATE: proprio.shape[0]}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"the batch sizes of the inputs differ: {sizes}; every input needs the same batch size")
-        return {
-            "input_ids": input_ids,
-            "image_input": images,
-            "image_mask": mask,
-            "domain_id": self._domain_ids(batch, batch_size, device),
-            "proprio": proprio,
-        }
+        domain_id = self._domain_ids(batch, batch_size, device)
+        if self.config.mixture:
+            mask = mask & self._mixture_views(domain_id)
+        return {"input_ids": input_ids, "image_input": images, "image_mask": mask, "domain_id": domain_id, "proprio": proprio}
+
+    def _cameras_outside_domain(self) -> list[str]:
+        """The policy cameras a mixture policy deployed as one domain has no image for: that domain never had them."""
+        source = self.config.mixture_domains.get(self.config.domain_id) if self.config.mixture else None
+        return [] if source is None else [k for k in self.config.camera_order if k not in source.cameras]
+
+    def _mixture_views(self, domain_id: Tensor) -> Tensor:
+        """[B, V] views each sample's domain has a camera for (a mixture's samples carry zeros for the others)."""
+        cameras, views = self.config.camera_order, self.config.num_image_views
+        rows = torch.ones(self.config.num_domains, views, dtype=torch.bool)
+        for domain, source in self.config.mixture_domains.items():
+            rows[domain, : len(cameras)] = torch.tensor([key in source.cameras for key in cameras])
+        return rows.to(domain_id.device)[domain_id]
 
     def _targets(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Targets [B, chunk_size, dim_action], their valid-step mask [B, chunk_size] (None: all valid) and,
@@ -513,12 +573,18 @@ class XVLAPolicy(PreTrainedPolicy):
             inputs["proprio"] = self._pad_proprio(first_point)
         with self._autocast(actions.device):
             losses = self.model(action=actions, action_valid=valid, **inputs)
+        by_domain = {k: losses.pop(k) for k in [k for k in losses if k.startswith(DOMAIN_LOSS)]}
         loss = torch.stack(list(losses.values())).sum()
-        values = torch.stack([loss, *losses.values()]).detach().float().cpu().tolist()  # one host sync
-        logs = dict(zip(["loss", *losses], values, strict=True))
+        values = torch.stack([loss, *losses.values(), *by_domain.values()]).detach().float().cpu().tolist()  # one host sync
+        logs = dict(zip(["loss", *losses, *by_domain], values, strict=True))
         if self.training:
+            self._log_held_out()
             self._log_loss_terms(logs)
-        return loss, logs
+        else:
+            _accumulate(self._held_out_sums, logs)
+        # Per-domain sums go to our log only: a batch may lack a domain, and LeRobot reduces its metrics across
+        # processes key by key.
+        return loss, {k: v for k, v in logs.items() if not k.startswith(DOMAIN_LOSS)}
 
     @torch.no_grad()
     def predict_action_chunk(
@@ -541,6 +607,11 @@ class XVLAPolicy(PreTrainedPolicy):
         that lerobot-rollout sets is disabled: LeRobot then queues the new chunk after the leftover, not over it.
         """
         self.eval()
+        if self.config.mixture and self.config.domain_id is None:
+            raise ValueError(
+                f"a mixture policy acts as one of its domains {sorted(self.config.mixture_domains)}: set domain_id "
+                "(--policy.domain_id=N)"
+            )
         if steps is None:
             steps = self.config.num_denoising_steps
         elif isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -641,6 +712,20 @@ class XVLAPolicy(PreTrainedPolicy):
         return policy
 
 
+def _accumulate(sums: dict[str, list[float]], values: dict[str, float]) -> None:
+    for name, value in values.items():
+        total = sums.setdefault(name, [0.0, 0])
+        total[0] += value
+        total[1] += 1
+
+
+def _means(sums: dict[str, list[float]]) -> str:
+    """"name=mean, ..." of the accumulated values, which are then cleared."""
+    text = ", ".join(f"{k}={total / count:.4g}" for k, (total, count) in sums.items())
+    sums.clear()
+    return text
+
+
 def _onnx_runtime_model(config: XVLAConfig) -> nn.Module:
     """The sampler over the exported graphs (imported here: ONNX Runtime is the optional `edge` extra)."""
     from .edge import OnnxRuntimeModel
@@ -680,6 +765,7 @@ def load_for_inference(checkpoint: str | Path, device: str = "cpu", **config_ove
             raise XVLAConfigError(f"load_for_inference got {name}={value!r}, which is not an XVLAConfig field")
         setattr(config, name, value)
     config.validate()
+    config.act_as_domain()
     policy = XVLAPolicy.from_pretrained(checkpoint, config=config)
     saved = (checkpoint / f"{POLICY_PREPROCESSOR_DEFAULT_NAME}.json").exists()
     preprocessor, postprocessor = factory.make_pre_post_processors(

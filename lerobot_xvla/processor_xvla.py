@@ -52,6 +52,7 @@ from lerobot.utils.constants import ACTION, OBS_IMAGE, OBS_STATE, POLICY_POSTPRO
 
 from .action_modes import get_action_mode_class
 from .configuration_xvla import XVLAConfig
+from .mixture.normalize import DomainNormalizerStep
 from .robots.so101_steps import JOINTS_PER_ARM, EndEffectorToJointsStep, JointsToEndEffectorStep
 
 logger = logging.getLogger(__name__)
@@ -437,21 +438,24 @@ def reconcile_loaded_processors(
         preprocessor.__class__ = XVLAPreprocessor
     domain_step = next((s for s in preprocessor.steps if isinstance(s, AddDomainIdStep)), None)
     if domain_step is not None:
-        if config.domain_id is None:
+        if config.domain_id is None and not config.mixture:  # a mixture's samples carry their own ids
             config.domain_id = domain_step.domain_id
         domain_step.domain_id = config.domain_id
-        domain_step.feature_key = config.domain_feature_key
+        domain_step.feature_key = config.sample_domain_key
         domain_step.num_domains = config.num_domains
-    normalizer = next((s for s in preprocessor.steps if isinstance(s, NormalizerProcessorStep)), None)
-    unnormalizer = next((s for s in postprocessor.steps if isinstance(s, UnnormalizerProcessorStep)), None)
+    for step in (*preprocessor.steps, *postprocessor.steps):
+        if isinstance(step, DomainNormalizerStep) and step.inverse:
+            step.domain_id = config.domain_id  # the robot a mixture policy acts as
+    normalizer = next((s for s in preprocessor.steps if isinstance(s, (NormalizerProcessorStep, DomainNormalizerStep))), None)
+    unnormalizer = next((s for s in postprocessor.steps if isinstance(s, (UnnormalizerProcessorStep, DomainNormalizerStep))), None)
     features = {**config.input_features, **config.output_features}
-    refuse_unusable_stats(_stats_of(normalizer), features, "checkpoint's preprocessor")
-    refuse_unusable_stats(_stats_of(unnormalizer), features, "checkpoint's postprocessor")
+    refuse_unusable_stats(_stats_of(normalizer, config), features, "checkpoint's preprocessor")
+    refuse_unusable_stats(_stats_of(unnormalizer, config), features, "checkpoint's postprocessor")
     # Processor files of LeRobot's built-in X-VLA, or saved before these steps existed, lack them.
     _ensure_step(preprocessor, StateCheckStep, before=DeviceProcessorStep).state_dim = _state_dim(config)
     _ensure_step(preprocessor, DefaultTaskStep, before=TokenizerProcessorStep).task = config.default_task
     _replace_kinematic_steps(preprocessor, postprocessor, config)
-    bounds = ActionGuardStep.from_stats(_stats_of(unnormalizer), config.action_dim)
+    bounds = ActionGuardStep.from_stats(_stats_of(unnormalizer, config), config.action_dim)
     guard = next((s for s in postprocessor.steps if isinstance(s, ActionGuardStep)), None)
     if guard is None:
         logger.warning(
@@ -510,15 +514,44 @@ def _ensure_step(pipeline: PolicyProcessorPipeline, step_type: type[ProcessorSte
     return step
 
 
-def _stats_of(step: ProcessorStep | None) -> dict[str, dict[str, Any]] | None:
-    """The statistics a (un)normaliser step holds (LeRobot keeps them as tensors once loaded)."""
+def _stats_of(step: ProcessorStep | None, config: XVLAConfig) -> dict[str, dict[str, Any]] | None:
+    """The statistics a (un)normaliser step holds (LeRobot keeps them as tensors once loaded); of a mixture's, those
+    of the domain the policy acts as (None while it trains every domain)."""
+    if isinstance(step, DomainNormalizerStep):
+        return step.domain_stats(config.domain_id) if config.domain_id in step.widths else None
     return getattr(step, "_tensor_stats", None) or getattr(step, "stats", None)
 
 
 def _state_dim(config: XVLAConfig) -> int | None:
-    """Width of the robot state the policy conditions on; None without proprio."""
+    """Width of the robot state the policy conditions on; None without proprio. A mixture policy acting as one
+    domain takes that domain's state (the mixture's is zero-padded to the widest source)."""
     state = config.robot_state_feature
-    return state.shape[-1] if config.use_proprio and state is not None else None
+    if not config.use_proprio or state is None:
+        return None
+    source = config.mixture_domains.get(config.domain_id) if config.mixture else None
+    return source.state_dim if source is not None and source.state_dim is not None else state.shape[-1]
+
+
+def _normalizers(config: XVLAConfig, dataset_stats: dict[str, dict[str, Any]] | None) -> tuple[ProcessorStep, ProcessorStep]:
+    """LeRobot's normaliser and unnormaliser, or for a mixture the per-domain ones (`mixture.normalize`), built from
+    each domain's statistics (`mixture.dataset.MixtureStats.by_domain`, what lerobot-train passes for a mixture)."""
+    features = {**config.input_features, **config.output_features}
+    if not config.mixture:
+        refuse_unusable_stats(dataset_stats, features, "dataset")
+        return (
+            NormalizerProcessorStep(features=features, norm_map=config.normalization_mapping, stats=dataset_stats),
+            UnnormalizerProcessorStep(features=config.output_features, norm_map=config.normalization_mapping, stats=dataset_stats),
+        )
+    by_domain = getattr(dataset_stats, "by_domain", None)
+    if by_domain is None:
+        raise ValueError("a mixture's processors need each domain's statistics: build them from the mixture dataset "
+                         "(lerobot-train does), or load them from a mixture checkpoint")
+    for domain, stats in by_domain.items():
+        refuse_unusable_stats(stats, features, f"domain {domain}'s dataset")
+    widths = {d: {k: w for k, w in ((OBS_STATE, s.state_dim if config.use_proprio else None), (ACTION, s.action_dim)) if w}
+              for d, s in config.mixture_domains.items()}  # fmt: skip
+    common = {"widths": widths, "norm_map": config.normalization_mapping, "stats": by_domain}
+    return DomainNormalizerStep(**common), DomainNormalizerStep(**common, inverse=True, domain_id=config.domain_id)
 
 
 # Registry names; the first three are shared with LeRobot's built-in X-VLA (see `registration.install`).
@@ -531,6 +564,7 @@ PROCESSOR_STEPS: dict[str, type[ProcessorStep]] = {
     "xvla_default_task": DefaultTaskStep,
     "xvla_so101_joints_to_ee": JointsToEndEffectorStep,
     "xvla_so101_ee_to_joints": EndEffectorToJointsStep,
+    "xvla_domain_normalizer": DomainNormalizerStep,
 }
 
 
@@ -612,8 +646,7 @@ def make_xvla_pre_post_processors(
     PolicyProcessorPipeline[PolicyAction, PolicyAction],
 ]:
     """Build the X-VLA preprocessor and postprocessor for `config` (LeRobot's plugin contract)."""
-    features = {**config.input_features, **config.output_features}
-    refuse_unusable_stats(dataset_stats, features, "dataset")
+    normalizer, unnormalizer = _normalizers(config, dataset_stats)
     input_steps: list[ProcessorStep] = [
         RenameObservationsProcessorStep(rename_map={}),
         AddBatchDimensionProcessorStep(),
@@ -622,16 +655,14 @@ def make_xvla_pre_post_processors(
         _tokenizer_step(config),
         ImageToFloatStep(),
         ImageNetNormalizeStep(),
-        AddDomainIdStep(config.default_domain_id, config.domain_feature_key, config.num_domains),
+        AddDomainIdStep(config.default_domain_id, config.sample_domain_key, config.num_domains),
         DeviceProcessorStep(device=config.device),
-        NormalizerProcessorStep(features=features, norm_map=config.normalization_mapping, stats=dataset_stats),
+        normalizer,
     ]
     output_steps: list[ProcessorStep] = [
-        UnnormalizerProcessorStep(
-            features=config.output_features, norm_map=config.normalization_mapping, stats=dataset_stats
-        ),
+        unnormalizer,
         DeviceProcessorStep(device="cpu"),
-        ActionGuardStep.from_stats(dataset_stats, config.action_dim),
+        ActionGuardStep.from_stats(_stats_of(unnormalizer, config), config.action_dim),
     ]
     preprocessor = XVLAPreprocessor(steps=input_steps, name=POLICY_PREPROCESSOR_DEFAULT_NAME)
     postprocessor = PolicyProcessorPipeline[PolicyAction, PolicyAction](

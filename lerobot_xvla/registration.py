@@ -20,6 +20,9 @@ Every hook into LeRobot's internals lives here; what differs between LeRobot ver
   X-VLA by the policy's own check of every batch after it.
 * The X-VLA processor-step names (`xvla_image_to_float`, ...) point at our steps, which take the same
   config keys, so processor files of either implementation load.
+* `--policy.mixture` (cross-embodiment training, `mixture/`): LeRobot's dataset factories (`make_dataset`, and
+  `make_train_eval_datasets` on 0.6) build the mixture dataset instead of one LeRobotDataset, and
+  `make_pre_post_processors` builds per-domain normalisers for it.
 * `lerobot-rollout --use_torch_compile` sets our `compile_model` (the observation encoding and one denoising
   step become two graphs when the model is built), then wraps `predict_action_chunk` in torch.compile as
   well. For our policies that wrap is skipped, and a `--torch_compile_mode` other than LeRobot's default
@@ -38,6 +41,7 @@ import os
 import sys
 from collections.abc import Iterator
 
+import lerobot.datasets.factory as dataset_factory
 import lerobot.envs.factory as env_factory
 import lerobot.policies  # noqa: F401  (registers LeRobot's built-in `xvla` before we replace it)
 import lerobot.policies.factory as factory
@@ -48,8 +52,9 @@ from lerobot.utils.constants import OBS_STATE
 
 from . import config_errors
 from .compat import HAS_LEROBOT_ROLLOUT
-from .configuration_xvla import COMPILE_MODES, XVLAConfig
+from .configuration_xvla import COMPILE_MODES, XVLAConfig, XVLAConfigError
 from .env_adapters import env_adapter
+from .mixture.stats import is_mixture_stats
 from .processor_xvla import (
     PROCESSOR_STEPS,
     checkpoint_tokenizer_overrides,
@@ -101,6 +106,8 @@ def _adapt_policy_to_inputs(original):
     instruction for envs that send none (`XVLAConfig.adopt_dataset_task`)."""
 
     def wrapper(cfg, ds_meta=None, env_cfg=None, rename_map=None):
+        if isinstance(cfg, XVLAConfig) and cfg.mixture:
+            _adopt_mixture(cfg, ds_meta)
         if isinstance(cfg, XVLAConfig):
             adapter = env_adapter(env_cfg)
             if adapter is not None:
@@ -113,6 +120,20 @@ def _adapt_policy_to_inputs(original):
         return original(cfg, ds_meta=ds_meta, env_cfg=env_cfg, rename_map=rename_map)
 
     return wrapper
+
+
+def _adopt_mixture(cfg: XVLAConfig, ds_meta) -> None:
+    """A mixture trains on the union of its sources' features (also when it starts from a checkpoint, whose
+    features LeRobot would keep); deployed, it acts as one of its domains, which must be named."""
+    from .mixture.dataset import MixtureMetadata, policy_input_features
+
+    if isinstance(ds_meta, MixtureMetadata):
+        cfg.input_features = policy_input_features(ds_meta)
+    elif cfg.domain_id is None:
+        raise XVLAConfigError(
+            f"this X-VLA was trained on a mixture of robots: choose the one it acts as with --policy.domain_id "
+            f"(one of {sorted(cfg.mixture_domains)}: {', '.join(f'{d} = {s.repo_id}' for d, s in cfg.mixture_domains.items())})"
+        )
 
 
 def _camera_check_by_name(original):
@@ -137,13 +158,78 @@ def _reconciled_processors(original):
     def wrapper(policy_cfg, pretrained_path=None, **kwargs):
         if not isinstance(policy_cfg, XVLAConfig):
             return original(policy_cfg, pretrained_path, **kwargs)
-        if not pretrained_path:
+        # A new mixture run (lerobot-train passes the mixture's statistics unless it resumes) gets new per-domain
+        # processors, also when it starts from a checkpoint; a resumed or deployed mixture loads its own.
+        if not pretrained_path or is_mixture_stats(kwargs.get("dataset_stats")):
             return make_xvla_pre_post_processors(policy_cfg, dataset_stats=kwargs.get("dataset_stats"))
         overrides = checkpoint_tokenizer_overrides(pretrained_path, kwargs.get("preprocessor_overrides"))
+        if policy_cfg.mixture:  # LeRobot's overrides address its (un)normaliser, which a mixture's files do not have
+            for name, step in (("preprocessor_overrides", "normalizer_processor"), ("postprocessor_overrides", "unnormalizer_processor")):
+                kwargs[name] = {k: v for k, v in (kwargs.get(name) or {}).items() if k != step}
         kwargs["preprocessor_overrides"] = overrides
         preprocessor, postprocessor = original(policy_cfg, pretrained_path, **kwargs)
         reconcile_loaded_processors(preprocessor, postprocessor, policy_cfg)
         return preprocessor, postprocessor
+
+    return wrapper
+
+
+def _mixture_datasets(original, with_eval: bool):
+    """make_dataset / make_train_eval_datasets: `--policy.mixture` builds the mixture (`mixture.dataset`); with_eval:
+    the factory returns (train, held-out or None), as 0.6's make_train_eval_datasets does."""
+
+    def wrapper(cfg, *args, **kwargs):
+        policy = getattr(cfg, "policy", None)
+        if not isinstance(policy, XVLAConfig) or not policy.mixture:
+            return original(cfg, *args, **kwargs)
+        from .mixture.dataset import make_mixture_datasets  # pandas and LeRobotDataset: only when a mixture trains
+        from .mixture.sources import MixtureError
+
+        try:
+            train, held_out = make_mixture_datasets(cfg)
+        except MixtureError as error:  # a mistake in the mixture, found before training starts: one line, exit 1
+            raise SystemExit(f"error: {error}") from None
+        return (train, held_out) if with_eval else train
+
+    return wrapper
+
+
+def _checked_processor_files(original):
+    """DataProcessorPipeline._load_config: a processor file is checked before any step it names is imported or
+    built (`processor_files.load_checked_processor_file`)."""
+
+    def wrapper(cls, model_id, config_filename, hub_kwargs):
+        return load_checked_processor_file(functools.partial(original, cls), model_id, config_filename, hub_kwargs)
+
+    return wrapper
+
+
+def _checkpoint_configs(original):
+    """PreTrainedConfig.from_pretrained: the built-in X-VLA's config class reads its own class, not the registry's
+    `xvla` (ours); a config.json linking outside its checkpoint is refused, and so is a config of ours whose
+    tokenizer_name names files outside it, unless the command line names the tokenizer."""
+
+    def wrapper(cls, pretrained_name_or_path, **kwargs):
+        if issubclass(cls, BuiltinXVLAConfig):
+            with builtin_xvla():
+                return original(cls, pretrained_name_or_path, **kwargs)
+        if Path(pretrained_name_or_path).is_dir():
+            refuse_outside(Path(pretrained_name_or_path, CONFIG_NAME), pretrained_name_or_path, CONFIG_NAME)
+        config = original(cls, pretrained_name_or_path, **kwargs)
+        named = any(arg.split("=", 1)[0] == "--tokenizer_name" for arg in kwargs.get("cli_overrides") or [])
+        if isinstance(config, XVLAConfig) and not named:
+            refuse_recorded_tokenizer(config.tokenizer_name, f"the {CONFIG_NAME} of {pretrained_name_or_path}")
+        return config
+
+    return wrapper
+
+
+def _as_builtin(original):
+    """A method of LeRobot's built-in X-VLA classes, run with `xvla` given back to the built-in (`builtin_xvla`)."""
+
+    def wrapper(*args, **kwargs):
+        with builtin_xvla():
+            return original(*args, **kwargs)
 
     return wrapper
 

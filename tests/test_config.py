@@ -214,7 +214,8 @@ def test_draccus_shows_the_reason():
     """LeRobot's parser builds the config with draccus, which hides the message of a ValueError."""
     with pytest.raises(XVLAConfigError, match=re.escape("num_domains must be an integer >= 1, got -1")):
         draccus.parse(XVLAConfig, args=["--device=cpu", "--num_domains=-1"])
-    with pytest.raises(DecodingError, match=re.escape("PreTrainedConfig: hidden_size=100 must be divisible by num_heads=16")):
+    message = "`policy.hidden_size`: hidden_size=100 must be divisible by num_heads=16 (XVLAConfigError)"  # config_errors.py
+    with pytest.raises(DecodingError, match=re.escape(message)):
         draccus.parse(TrainPipelineConfig, args=["--policy.type=xvla", "--policy.hidden_size=100", "--dataset.repo_id=x"])
 
 
