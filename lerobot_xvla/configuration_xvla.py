@@ -779,14 +779,15 @@ class XVLAConfig(PreTrainedConfig):
 
     def _save_pretrained(self, save_directory: Path) -> None:
         """Write config.json as the installed LeRobot does ("type" included), without the plugin-only fields
-        that hold their defaults (see module docstring). A local tokenizer directory is recorded as the
-        checkpoint's own copy, which its preprocessor writes (`processor_xvla.saved_tokenizer_name`)."""
-        from .processor_xvla import saved_tokenizer_name  # processor_xvla imports this module
+        that hold their defaults (see module docstring). A tokenizer directory is copied into the checkpoint and
+        recorded as that copy, so the policy loads again even when saved without its preprocessor
+        (`processor_xvla.save_config_tokenizer`)."""
+        from .processor_xvla import save_config_tokenizer  # processor_xvla imports this module
 
         super()._save_pretrained(save_directory)
         path = Path(save_directory) / CONFIG_NAME
         encoded = json.loads(path.read_text())
-        encoded["tokenizer_name"] = saved_tokenizer_name(self.tokenizer_name)
+        encoded["tokenizer_name"] = save_config_tokenizer(self, save_directory)
         # Every architecture field written out: LeRobot's built-ins fill the ones left out with other defaults.
         encoded["florence_config"] = complete_florence_config(self.florence_config)
         for f in fields(self):

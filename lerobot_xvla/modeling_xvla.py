@@ -45,6 +45,7 @@ from .checkpoints import checkpoint_florence_config, is_original_config, load_st
 from .configuration_xvla import XVLAConfig, XVLAConfigError
 from .execution import ChunkExecutor, check_rtc_leftover, lerobot_rtc_guidance
 from .florence import build_florence_encoder, encode_views, projection_dim
+from .processor_files import refuse_outside
 from .processor_xvla import TOKENIZER_DIR, normalized_pixel_range, resolve_tokenizer_name, whole_domain_ids
 from .soft_transformer import SoftPromptedTransformer
 from .training import parameter_groups, resample_anchors
@@ -735,7 +736,10 @@ def _onnx_runtime_model(config: XVLAConfig) -> nn.Module:
 
 def load_config(directory: Path, **kwargs: Any) -> XVLAConfig:
     """Config of a local checkpoint directory, in LeRobot's format or the original one; its tokenizer_name
-    points at the tokenizer files the checkpoint carries, wherever the directory now is."""
+    points at the tokenizer files the checkpoint carries, wherever the directory now is. A directory holding a
+    link that resolves outside it (the Hub cache's links into its blobs are inside) is refused before any file is
+    read (`processor_files.refuse_outside`)."""
+    refuse_outside(directory, directory, "the checkpoint file")
     with open(directory / "config.json") as f:
         raw = json.load(f)
     if not is_original_config(raw):

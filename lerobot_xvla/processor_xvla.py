@@ -52,6 +52,7 @@ from lerobot.utils.constants import ACTION, OBS_IMAGE, OBS_STATE, POLICY_POSTPRO
 
 from .action_modes import get_action_mode_class
 from .configuration_xvla import XVLAConfig
+from .processor_files import UntrustedCheckpointError, refuse_outside
 from .mixture.normalize import DomainNormalizerStep
 from .robots.so101_steps import JOINTS_PER_ARM, EndEffectorToJointsStep, JointsToEndEffectorStep
 
@@ -578,31 +579,92 @@ def saved_tokenizer_name(name: str) -> str:
     return TOKENIZER_DIR if os.path.isdir(name) else name
 
 
+def save_config_tokenizer(config: XVLAConfig, save_directory: str | Path) -> str:
+    """The tokenizer name `config`'s config.json records in `save_directory` (`saved_tokenizer_name`). A tokenizer
+    the config loads from a directory is copied into the checkpoint's `TOKENIZER_DIR`, as the preprocessor's save
+    does, so a policy saved without its preprocessor loads again once that directory is gone."""
+    location = resolve_tokenizer_name(config.tokenizer_name, config.pretrained_path)
+    if os.path.isdir(location):
+        from transformers import AutoTokenizer  # what LeRobot's tokenizer step loads with
+
+        AutoTokenizer.from_pretrained(location).save_pretrained(Path(save_directory) / TOKENIZER_DIR)
+    return saved_tokenizer_name(config.tokenizer_name)
+
+
 def checkpoint_tokenizer(checkpoint: str | Path | None) -> Path | None:
-    """The tokenizer directory a local checkpoint carries, or None."""
+    """The tokenizer directory a local checkpoint carries, or None. It is refused where it, or a file in it, links
+    outside the checkpoint (`processor_files.refuse_outside`; the Hub cache's links into its blobs are inside)."""
     directory = Path(checkpoint) / TOKENIZER_DIR if checkpoint else None
-    return directory if directory is not None and directory.is_dir() else None
+    if directory is None or not directory.is_dir():
+        return None
+    refuse_outside(directory, checkpoint, "the tokenizer directory")
+    return directory
+
+
+def refuse_recorded_tokenizer(name: str, source: str) -> None:
+    """Refuse a tokenizer name that a checkpoint's file `source` records and that names files outside the
+    checkpoint: an absolute path, or a relative one that is a directory of the current directory (the checkpoint's
+    own copy, `TOKENIZER_DIR`, is found in the checkpoint by `resolve_tokenizer_name`). A user names any tokenizer
+    with --policy.tokenizer_name, which the command line carries past this check."""
+    if os.path.isabs(name) or (name != TOKENIZER_DIR and os.path.isdir(name)):
+        where = "an absolute path" if os.path.isabs(name) else "a directory of the current directory"
+        raise UntrustedCheckpointError(
+            f"{source} records tokenizer_name={name!r}, {where}, outside the checkpoint; a checkpoint names its own "
+            f"copy ({TOKENIZER_DIR!r}) or a Hub id. Copy that tokenizer into the checkpoint's {TOKENIZER_DIR}/, or "
+            "name it yourself (--policy.tokenizer_name=...)"
+        )
 
 
 def resolve_tokenizer_name(name: str, checkpoint: str | Path | None) -> str:
-    """Where to load the tokenizer `name` of `checkpoint` from. A name as checkpoints record it (relative, or
-    a Hub id) loads the checkpoint's own copy when it has one, so a copied checkpoint loads on any machine,
-    offline; an absolute directory, given on purpose, is kept."""
-    own = checkpoint_tokenizer(checkpoint)
-    return str(own) if own is not None and not os.path.isabs(name) else name
+    """Where to load the tokenizer `name` of a policy loaded from `checkpoint` (None: a new policy, `name` as given).
+
+    `TOKENIZER_DIR` is the checkpoint's own copy, an error naming the directory where the checkpoint lacks it (never
+    the current directory's); a Hub id loads the checkpoint's copy too when it has one, so a copied checkpoint loads
+    on any machine, offline. A directory named by path (absolute, or relative and existing) is the user's and kept:
+    checkpoints that record one are refused when their config is read (`refuse_recorded_tokenizer`)."""
+    if checkpoint is None or os.path.isabs(name):
+        return name
+    if name == TOKENIZER_DIR:
+        directory = _checkpoint_directory(checkpoint)
+        own = checkpoint_tokenizer(directory)
+        if own is None:
+            from .modeling_xvla import CheckpointNotFoundError  # modeling_xvla imports this module
+
+            raise CheckpointNotFoundError(
+                f"the checkpoint {checkpoint} names its own tokenizer copy {TOKENIZER_DIR!r}, but "
+                f"{directory / TOKENIZER_DIR} does not exist (copied without it?); copy that directory along, or name "
+                "a tokenizer with --policy.tokenizer_name"
+            )
+        return str(own)
+    if os.path.isdir(name):
+        return name
+    # A Hub id names a tokenizer the Hub cache can give; a Hub checkpoint's snapshot is not looked up for it, as
+    # `checkpoint` may be a pretrained_path a config.json recorded, which this machine never fetched.
+    own = checkpoint_tokenizer(checkpoint) if Path(checkpoint).is_dir() else None
+    return str(own) if own is not None else name
+
+
+def _checkpoint_directory(checkpoint: str | Path) -> Path:
+    """The local directory of a checkpoint directory or Hub id: its snapshot in the Hugging Face cache, where
+    loading the policy put it (nothing is downloaded here: `pretrained_path` may be one a config.json records)."""
+    if Path(checkpoint).is_dir():
+        return Path(checkpoint)
+    from .modeling_xvla import _checkpoint_directory as hub_snapshot  # modeling_xvla imports this module
+
+    return hub_snapshot(checkpoint, local_files_only=True)
 
 
 def checkpoint_tokenizer_overrides(
-    pretrained_path: str | Path | None, overrides: dict[str, Any] | None
+    config: XVLAConfig, pretrained_path: str | Path | None, overrides: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """Preprocessor overrides for loading a checkpoint's processor files with LeRobot: the tokenizer step loads
-    the checkpoint's own copy (its file names it relative to the checkpoint, which the step alone cannot
-    resolve). The caller's overrides of that step win."""
+    """Preprocessor overrides for loading a checkpoint's processor files with LeRobot: the tokenizer step loads the
+    config's tokenizer as `resolve_tokenizer_name` finds it (the checkpoint's own copy, or one the user named), never
+    the name the processor file holds, which the step alone would look up in the current directory. The caller's
+    overrides of that step win."""
     overrides = dict(overrides or {})
-    own = checkpoint_tokenizer(pretrained_path)
-    if own is not None:
-        key = TokenizerProcessorStep._registry_name
-        overrides[key] = {"tokenizer_name": str(own), **overrides.get(key, {})}
+    key = TokenizerProcessorStep._registry_name
+    tokenizer_name = resolve_tokenizer_name(config.tokenizer_name, pretrained_path)
+    overrides[key] = {"tokenizer_name": tokenizer_name, **overrides.get(key, {})}
     return overrides
 
 
@@ -624,9 +686,10 @@ class XVLAPreprocessor(DataProcessorPipeline):
 
 
 def _tokenizer_step(config: XVLAConfig) -> TokenizerProcessorStep:
+    tokenizer_name = resolve_tokenizer_name(config.tokenizer_name, config.pretrained_path)
     try:
         return TokenizerProcessorStep(
-            tokenizer_name=resolve_tokenizer_name(config.tokenizer_name, config.pretrained_path),
+            tokenizer_name=tokenizer_name,
             max_length=config.tokenizer_max_length,
             padding=config.pad_language_to,
             padding_side=config.tokenizer_padding_side,

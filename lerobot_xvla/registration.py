@@ -23,6 +23,15 @@ Every hook into LeRobot's internals lives here; what differs between LeRobot ver
 * `--policy.mixture` (cross-embodiment training, `mixture/`): LeRobot's dataset factories (`make_dataset`, and
   `make_train_eval_datasets` on 0.6) build the mixture dataset instead of one LeRobotDataset, and
   `make_pre_post_processors` builds per-domain normalisers for it.
+* Checkpoints are untrusted input, for every policy: LeRobot's processor loader (`DataProcessorPipeline._load_config`)
+  checks each file before a step is imported or built (`processor_files`: registered steps and LeRobot's own step
+  classes only, state files inside the checkpoint), also with LEROBOT_XVLA_BUILTIN=1; `PreTrainedConfig.from_pretrained`
+  refuses a config.json linking outside its checkpoint, and a config of ours naming a tokenizer outside it unless
+  the command line names one (`processor_xvla.refuse_recorded_tokenizer`).
+* LeRobot's built-in X-VLA classes used directly (`from lerobot.policies.xvla.modeling_xvla import XVLAPolicy`) load
+  and save their own config class: their config reading and saving, and the built-in's `from_pretrained`, run with
+  `xvla` given back to the built-in (`builtin_xvla`), and the built-in config's `type` is `xvla`, so LeRobot's
+  `make_pre_post_processors` finds the built-in's processors for it.
 * `lerobot-rollout --use_torch_compile` sets our `compile_model` (the observation encoding and one denoising
   step become two graphs when the model is built), then wraps `predict_action_chunk` in torch.compile as
   well. For our policies that wrap is skipped, and a `--torch_compile_mode` other than LeRobot's default
@@ -36,30 +45,36 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
+from huggingface_hub.constants import CONFIG_NAME
 import lerobot.datasets.factory as dataset_factory
 import lerobot.envs.factory as env_factory
 import lerobot.policies  # noqa: F401  (registers LeRobot's built-in `xvla` before we replace it)
 import lerobot.policies.factory as factory
 import lerobot.policies.utils as policy_utils
 from lerobot.configs.policies import PreTrainedConfig
-from lerobot.processor import ProcessorStepRegistry
+from lerobot.policies.xvla.configuration_xvla import XVLAConfig as BuiltinXVLAConfig
+from lerobot.processor import DataProcessorPipeline, ProcessorStepRegistry
 from lerobot.utils.constants import OBS_STATE
 
 from . import config_errors
 from .compat import HAS_LEROBOT_ROLLOUT
 from .configuration_xvla import COMPILE_MODES, XVLAConfig, XVLAConfigError
 from .env_adapters import env_adapter
+from .processor_files import load_checked_processor_file, refuse_outside
 from .mixture.stats import is_mixture_stats
 from .processor_xvla import (
     PROCESSOR_STEPS,
     checkpoint_tokenizer_overrides,
     make_xvla_pre_post_processors,
     reconcile_loaded_processors,
+    refuse_recorded_tokenizer,
 )
 
 BUILTIN_SWITCH = "LEROBOT_XVLA_BUILTIN"
@@ -72,16 +87,34 @@ def plugin_active() -> bool:
     return PreTrainedConfig._choice_registry.get(TYPE_NAME) is XVLAConfig
 
 
+def _wrapped(original, make_wrapper):
+    """`make_wrapper(original)`, marked as ours; None where `original` is one of ours already (installed twice)."""
+    if getattr(original, "_lerobot_xvla_original", None) is not None:
+        return None
+    wrapper = functools.wraps(original)(make_wrapper(original))
+    wrapper._lerobot_xvla_original = original
+    return wrapper
+
+
 def _replace_everywhere(owner, name: str, make_wrapper) -> None:
     """Replace `owner.name` by `make_wrapper(original)`, also in lerobot modules that imported it already."""
     original = getattr(owner, name)
-    if getattr(original, "_lerobot_xvla_original", None) is not None:
-        return  # already wrapped
-    wrapper = functools.wraps(original)(make_wrapper(original))
-    wrapper._lerobot_xvla_original = original
+    wrapper = _wrapped(original, make_wrapper)
+    if wrapper is None:
+        return
     for module in list(sys.modules.values()):
         if getattr(module, "__name__", "").startswith("lerobot.") and getattr(module, name, None) is original:
             setattr(module, name, wrapper)
+
+
+def _wrap_method(owner: type, name: str, make_wrapper) -> None:
+    """Replace method `name` of class `owner` (its own or inherited; a classmethod stays one) by
+    `make_wrapper(original function)`, which for a classmethod takes `cls` first."""
+    attribute = inspect.getattr_static(owner, name)
+    is_classmethod = isinstance(attribute, classmethod)
+    wrapper = _wrapped(attribute.__func__ if is_classmethod else attribute, make_wrapper)
+    if wrapper is not None:
+        setattr(owner, name, classmethod(wrapper) if is_classmethod else wrapper)
 
 
 def _resolve_type_name(ours):
@@ -162,7 +195,7 @@ def _reconciled_processors(original):
         # processors, also when it starts from a checkpoint; a resumed or deployed mixture loads its own.
         if not pretrained_path or is_mixture_stats(kwargs.get("dataset_stats")):
             return make_xvla_pre_post_processors(policy_cfg, dataset_stats=kwargs.get("dataset_stats"))
-        overrides = checkpoint_tokenizer_overrides(pretrained_path, kwargs.get("preprocessor_overrides"))
+        overrides = checkpoint_tokenizer_overrides(policy_cfg, pretrained_path, kwargs.get("preprocessor_overrides"))
         if policy_cfg.mixture:  # LeRobot's overrides address its (un)normaliser, which a mixture's files do not have
             for name, step in (("preprocessor_overrides", "normalizer_processor"), ("postprocessor_overrides", "unnormalizer_processor")):
                 kwargs[name] = {k: v for k, v in (kwargs.get(name) or {}).items() if k != step}
@@ -318,7 +351,10 @@ def _policy_class():
 
 
 def install() -> None:
-    """Make `xvla` resolve to lerobot_xvla, unless LEROBOT_XVLA_BUILTIN=1."""
+    """Make `xvla` resolve to lerobot_xvla, unless LEROBOT_XVLA_BUILTIN=1; check every checkpoint's processor files."""
+    from lerobot.policies.xvla.modeling_xvla import XVLAPolicy as BuiltinXVLAPolicy  # transformers' Florence-2 on 0.4
+
+    _wrap_method(DataProcessorPipeline, "_load_config", _checked_processor_files)
     if os.environ.get(BUILTIN_SWITCH, "").lower() in ("1", "true", "yes"):
         logger.info("%s is set: --policy.type=xvla stays LeRobot's built-in X-VLA", BUILTIN_SWITCH)
         return
@@ -332,6 +368,10 @@ def install() -> None:
     _replace_everywhere(policy_utils, "validate_visual_features_consistency", _camera_check_by_name)
     _replace_everywhere(factory, "make_pre_post_processors", _reconciled_processors)
     _replace_everywhere(env_factory, "make_env_pre_post_processors", _env_processors)
+    _wrap_method(PreTrainedConfig, "from_pretrained", _checkpoint_configs)
+    _wrap_method(BuiltinXVLAPolicy, "from_pretrained", _as_builtin)
+    _wrap_method(BuiltinXVLAConfig, "_save_pretrained", _as_builtin)
+    BuiltinXVLAConfig.type = property(lambda self: TYPE_NAME)  # LeRobot looks the name up in the registry, now ours
     rollout_context = _rollout_context()
     if rollout_context is not None:
         _replace_everywhere(rollout_context, "build_rollout_context", _compile_mode_from_rollout)
@@ -342,8 +382,6 @@ def install() -> None:
 @contextlib.contextmanager
 def builtin_xvla() -> Iterator[type[PreTrainedConfig]]:
     """Temporarily give `xvla` back to LeRobot's built-in X-VLA (for side-by-side comparisons and tests)."""
-    from lerobot.policies.xvla.configuration_xvla import XVLAConfig as BuiltinXVLAConfig
-
     previous = PreTrainedConfig._choice_registry.get(TYPE_NAME)
     PreTrainedConfig._choice_registry[TYPE_NAME] = BuiltinXVLAConfig
     ours = _register_steps(_builtin_steps) if _builtin_steps else {}
