@@ -52,8 +52,8 @@ from lerobot.utils.constants import ACTION, OBS_IMAGE, OBS_STATE, POLICY_POSTPRO
 
 from .action_modes import get_action_mode_class
 from .configuration_xvla import XVLAConfig
-from .processor_files import UntrustedCheckpointError, refuse_outside
 from .mixture.normalize import DomainNormalizerStep
+from .processor_files import UntrustedCheckpointError, refuse_outside
 from .robots.so101_steps import JOINTS_PER_ARM, EndEffectorToJointsStep, JointsToEndEffectorStep
 
 logger = logging.getLogger(__name__)

@@ -67,8 +67,8 @@ from . import config_errors
 from .compat import HAS_LEROBOT_ROLLOUT
 from .configuration_xvla import COMPILE_MODES, XVLAConfig, XVLAConfigError
 from .env_adapters import env_adapter
-from .processor_files import load_checked_processor_file, refuse_outside
 from .mixture.stats import is_mixture_stats
+from .processor_files import load_checked_processor_file, refuse_outside
 from .processor_xvla import (
     PROCESSOR_STEPS,
     checkpoint_tokenizer_overrides,
