@@ -20,9 +20,6 @@ Every hook into LeRobot's internals lives here; what differs between LeRobot ver
   X-VLA by the policy's own check of every batch after it.
 * The X-VLA processor-step names (`xvla_image_to_float`, ...) point at our steps, which take the same
   config keys, so processor files of either implementation load.
-* `--policy.mixture` (cross-embodiment training, `mixture/`): LeRobot's dataset factories (`make_dataset`, and
-  `make_train_eval_datasets` on 0.6) build the mixture dataset instead of one LeRobotDataset, and
-  `make_pre_post_processors` builds per-domain normalisers for it.
 * Checkpoints are untrusted input, for every policy: LeRobot's processor loader (`DataProcessorPipeline._load_config`)
   checks each file before a step is imported or built (`processor_files`: registered steps and LeRobot's own step
   classes only, state files inside the checkpoint), also with LEROBOT_XVLA_BUILTIN=1; `PreTrainedConfig.from_pretrained`
@@ -32,6 +29,9 @@ Every hook into LeRobot's internals lives here; what differs between LeRobot ver
   and save their own config class: their config reading and saving, and the built-in's `from_pretrained`, run with
   `xvla` given back to the built-in (`builtin_xvla`), and the built-in config's `type` is `xvla`, so LeRobot's
   `make_pre_post_processors` finds the built-in's processors for it.
+* `--policy.mixture` (cross-embodiment training, `mixture/`): LeRobot's dataset factories (`make_dataset`, and
+  `make_train_eval_datasets` on 0.6) build the mixture dataset instead of one LeRobotDataset, and
+  `make_pre_post_processors` builds per-domain normalisers for it.
 * `lerobot-rollout --use_torch_compile` sets our `compile_model` (the observation encoding and one denoising
   step become two graphs when the model is built), then wraps `predict_action_chunk` in torch.compile as
   well. For our policies that wrap is skipped, and a `--torch_compile_mode` other than LeRobot's default
@@ -195,10 +195,10 @@ def _reconciled_processors(original):
         # processors, also when it starts from a checkpoint; a resumed or deployed mixture loads its own.
         if not pretrained_path or is_mixture_stats(kwargs.get("dataset_stats")):
             return make_xvla_pre_post_processors(policy_cfg, dataset_stats=kwargs.get("dataset_stats"))
-        overrides = checkpoint_tokenizer_overrides(policy_cfg, pretrained_path, kwargs.get("preprocessor_overrides"))
         if policy_cfg.mixture:  # LeRobot's overrides address its (un)normaliser, which a mixture's files do not have
             for name, step in (("preprocessor_overrides", "normalizer_processor"), ("postprocessor_overrides", "unnormalizer_processor")):
                 kwargs[name] = {k: v for k, v in (kwargs.get(name) or {}).items() if k != step}
+        overrides = checkpoint_tokenizer_overrides(policy_cfg, pretrained_path, kwargs.get("preprocessor_overrides"))
         kwargs["preprocessor_overrides"] = overrides
         preprocessor, postprocessor = original(policy_cfg, pretrained_path, **kwargs)
         reconcile_loaded_processors(preprocessor, postprocessor, policy_cfg)
@@ -372,6 +372,9 @@ def install() -> None:
     _wrap_method(BuiltinXVLAPolicy, "from_pretrained", _as_builtin)
     _wrap_method(BuiltinXVLAConfig, "_save_pretrained", _as_builtin)
     BuiltinXVLAConfig.type = property(lambda self: TYPE_NAME)  # LeRobot looks the name up in the registry, now ours
+    _replace_everywhere(dataset_factory, "make_dataset", functools.partial(_mixture_datasets, with_eval=False))
+    if hasattr(dataset_factory, "make_train_eval_datasets"):  # LeRobot >= 0.6
+        _replace_everywhere(dataset_factory, "make_train_eval_datasets", functools.partial(_mixture_datasets, with_eval=True))
     rollout_context = _rollout_context()
     if rollout_context is not None:
         _replace_everywhere(rollout_context, "build_rollout_context", _compile_mode_from_rollout)
