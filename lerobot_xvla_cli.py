@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         return cli.info()
     from lerobot_xvla.modeling_xvla import CheckpointNotFoundError
+    from lerobot_xvla.processor_files import UntrustedCheckpointError
 
     try:
         if args.command == "convert":
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             from lerobot_xvla.http_server import serve
 
             serve(args.checkpoint, args.host, args.port, args.device, args.max_request_mb)
-    except (cli.ConvertRefused, CheckpointNotFoundError) as error:
+    except (cli.ConvertRefused, CheckpointNotFoundError, UntrustedCheckpointError) as error:
         print(f"lerobot-xvla {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -349,7 +349,8 @@ class XVLAPolicy(PreTrainedPolicy):
 
     def _log_held_out(self) -> None:
         """lerobot-train's held-out pass (`--dataset.eval_split`) logs only the total loss; the per-term and per-domain
-        means of the forward passes made in eval mode are logged at the next training step."""
+        means of the forward passes made in eval mode are logged at the next training step, or when the checkpoint
+        that follows the pass is saved (the last step's pass has no next step)."""
         if self._held_out_sums:
             logger.info("X-VLA held-out loss terms: %s", _means(self._held_out_sums))
 
@@ -652,6 +653,7 @@ class XVLAPolicy(PreTrainedPolicy):
     def _save_pretrained(self, save_directory: Path, state_dict: dict[str, Tensor] | None = None) -> None:
         """config.json plus model.safetensors in the layout of the installed LeRobot's built-in X-VLA, which
         loads it. state_dict: weights gathered by the caller (LeRobot >= 0.6 passes them, e.g. under FSDP)."""
+        self._log_held_out()
         self.config._save_pretrained(save_directory)
         if self.config.inference_backend == "onnxruntime":  # an export: its graphs instead of weights
             self.model.save_graphs(Path(save_directory))

@@ -441,6 +441,7 @@ def reconcile_loaded_processors(
     if domain_step is not None:
         if config.domain_id is None and not config.mixture:  # a mixture's samples carry their own ids
             config.domain_id = domain_step.domain_id
+            config._check_domains()  # an id from the file is checked like one from config.json, when it is loaded
         domain_step.domain_id = config.domain_id
         domain_step.feature_key = config.sample_domain_key
         domain_step.num_domains = config.num_domains

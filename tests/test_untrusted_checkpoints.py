@@ -3,8 +3,10 @@ checkpoints LeRobot and we write keep loading, and LeRobot's built-in X-VLA clas
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import io
 import json
 import os
 import re
@@ -99,7 +101,14 @@ def by_load_for_inference(checkpoint: Path):
 
 
 def by_convert(checkpoint: Path):
-    cli_main(["convert", str(checkpoint), str(checkpoint.parent / "converted")])
+    """`lerobot-xvla convert`: a refusal is one line on stderr and exit status 2 (raised here as the error it names)."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        status = cli_main(["convert", str(checkpoint), str(checkpoint.parent / "converted")])
+    lines = stderr.getvalue().strip().splitlines()
+    if status == 2 and len(lines) == 1:
+        raise UntrustedCheckpointError(lines[0].split(": error: ", 1)[1])
+    assert status == 0, stderr.getvalue()
 
 
 LOADERS = [by_load_for_inference, as_lerobot_loads, by_convert]
