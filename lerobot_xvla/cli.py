@@ -3,15 +3,18 @@ that `--help` answers without importing torch and LeRobot), and `lerobot-xvla-po
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import importlib.metadata
 import logging
 import os
 import platform
+import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-
 
 # What LeRobot's plugin discovery logs (`lerobot.utils.import_utils.register_third_party_plugins`).
 PLUGIN_IMPORT_ERROR = "Could not import third-party plugin"
@@ -95,15 +98,51 @@ def info() -> int:
 
 
 class ConvertRefused(ValueError):
-    """`convert` or `export` would lose data: the destination is the source, lies inside it, holds it, or holds
-    other files."""
+    """`convert` or `export` would lose data (the destination is the source, lies inside it, holds it or its
+    files, or holds other files), or cannot write its destination (a full disk, no permission)."""
+
+
+# A run writes into `.DST.<random>.partial/new` beside DST and holds an flock on `.lock` there until it is done,
+# so a later run tells a killed run's directory (lock free) from a running one's. The random part is
+# tempfile.mkdtemp's (letters, digits, "_"): no dot, so `.a.b.x.partial` of destination `a.b` never matches `a`.
+WORK_SUFFIX = ".partial"
+WORK_LOCK = ".lock"
+
+
+def _hub_cache_entry(source: str) -> Path | None:
+    """Where the Hugging Face cache keeps Hub id `source` (its snapshots and the blobs their files link to),
+    whether or not it is there yet; None for a name that is no Hub id."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.file_download import repo_folder_name
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return None
+    return Path(HF_HUB_CACHE) / repo_folder_name(repo_id=source, repo_type="model")
+
+
+def _resolved_entries(directory: Path) -> Iterator[tuple[Path, Path]]:
+    """Every entry under `directory` with its resolved path. Linked directories are not entered: loading
+    refuses files that resolve outside the checkpoint, so only the link's own target matters."""
+    for root, directories, files in os.walk(directory):
+        for name in directories + files:
+            entry = Path(root, name)
+            try:
+                yield entry, entry.resolve()
+            except (OSError, RuntimeError):  # a loop of links (RuntimeError before Python 3.13): nothing to read
+                continue
 
 
 def _check_destination(source: str, destination: Path, overwrite: bool, written: str) -> None:
-    """Refuse every destination whose writing could destroy a checkpoint (symbolic links resolved); `written`
-    names what would be written there, for the messages."""
-    if os.path.isdir(source):  # a Hub id cannot overlap a local directory
-        origin = Path(source).resolve()
+    """Refuse every destination whose writing could destroy a checkpoint (symbolic links resolved, the source's
+    own entries too: a Hub cache snapshot's files link into its blobs); `written` names what would be written
+    there, for the messages."""
+    local = Path(source) if os.path.isdir(source) else _hub_cache_entry(source)
+    if local is not None:
+        origin = local.resolve()
         if destination == origin:
             raise ConvertRefused(f"the destination {destination} is the source checkpoint; write {written} to another directory")
         if origin in destination.parents:
@@ -115,44 +154,158 @@ def _check_destination(source: str, destination: Path, overwrite: bool, written:
                 f"the source checkpoint {origin} is inside the destination {destination}; "
                 "replacing the destination would delete it"
             )
+        for entry, resolved in _resolved_entries(local):
+            if resolved == destination or destination in resolved.parents:
+                raise ConvertRefused(
+                    f"the source's {entry} resolves to {resolved}, inside the destination {destination}; "
+                    "replacing the destination would destroy the source"
+                )
     if destination.exists() and not destination.is_dir():
         raise ConvertRefused(f"the destination {destination} is not a directory")
     if destination.is_dir() and any(destination.iterdir()) and not overwrite:
         raise ConvertRefused(f"the destination {destination} is not empty; pass --overwrite to replace it")
 
 
-def _replace_directory(staging: Path, destination: Path) -> None:
+def _check_parent(destination: Path) -> None:
+    """Refuse a destination below a file (its parent directories cannot be made)."""
+    existing = next(parent for parent in destination.parents if os.path.lexists(parent))
+    if not existing.is_dir():
+        raise ConvertRefused(f"the destination {destination} is below {existing}, which is a file, not a directory")
+
+
+def _lock(work: Path) -> int | None:
+    """An open descriptor of `work`'s lock file holding its flock, or None where another process holds it or
+    `work` was removed meanwhile (a cleaning run may remove a directory between its creation and its lock)."""
+    try:
+        descriptor = os.open(work / WORK_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.path.samestat(os.fstat(descriptor), os.stat(work / WORK_LOCK)):  # not a file unlinked meanwhile
+            return descriptor
+    except (BlockingIOError, FileNotFoundError):
+        pass
+    os.close(descriptor)
+    return None
+
+
+def _clean_interrupted_runs(destination: Path) -> None:
+    """Remove the work directories that killed runs left beside `destination` (their lock is free); where a run
+    was killed between moving the old destination aside and renaming the new one in, put the old one back."""
+    pattern = re.compile(rf"\.{re.escape(destination.name)}\.[a-z0-9_]+{re.escape(WORK_SUFFIX)}")
+    for work in destination.parent.iterdir():
+        if not pattern.fullmatch(work.name) or work.is_symlink() or not work.is_dir():
+            continue
+        descriptor = None
+        with contextlib.suppress(OSError):  # a directory this run cannot lock (read-only, ...) stays
+            descriptor = _lock(work)
+        if descriptor is None:  # a run in progress, or removed meanwhile
+            continue
+        try:
+            if (work / "old").is_dir() and not os.path.lexists(destination):
+                (work / "old").rename(destination)
+                print(f"restored {destination}, which a run interrupted while replacing it had moved aside")
+            shutil.rmtree(work)
+        finally:
+            os.close(descriptor)
+
+
+@contextlib.contextmanager
+def _work_directory(destination: Path) -> Iterator[Path]:
+    """A new work directory beside `destination`, locked while the run lasts and removed on exit."""
+    descriptor = None
+    while descriptor is None:  # a cleaning run removed the directory before it was locked: make another
+        work = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=WORK_SUFFIX, dir=destination.parent))
+        descriptor = _lock(work)
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        os.close(descriptor)
+
+
+def _apply_umask(directory: Path) -> None:
+    """Give `directory` and everything in it the modes the user's umask gives new files (safetensors and ONNX
+    Runtime write theirs 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, directories, files in os.walk(directory):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
+def _replace_directory(staging: Path, destination: Path, previous: Path) -> None:
     """Move the complete `staging` directory to `destination` by renames, so `destination` holds either its
-    old files or all the new ones, never a mix; the old directory is deleted once the new one is in place."""
+    old files or all the new ones, never a mix; the old directory goes to `previous` (in the work directory,
+    so a run killed before the second rename leaves it where the next run puts it back)."""
     if not destination.exists():
         staging.rename(destination)
         return
-    previous = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old.", dir=destination.parent))
-    destination.replace(previous)  # onto the empty directory mkdtemp reserved
+    destination.rename(previous)
     try:
         staging.rename(destination)
     except BaseException:
         previous.rename(destination)
         raise
-    shutil.rmtree(previous)
+
+
+# The errors of a write that cannot be done (space, quota, file size limit, permissions, read-only file system).
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO}
+SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _write_failure(error: Exception, destination: Path, written: str) -> ConvertRefused | None:
+    """The one-line error for a write that cannot be done, or None for any other error. Such a failure comes as
+    an OSError, as safetensors' error (an OSError raised through Rust, "os error N"), as numpy's "problem writing
+    element" (no errno), or on a full disk as a protobuf DecodeError: ONNX's shape inference, which the int8
+    quantizer runs, writes its file unchecked, and reading the truncated file back fails."""
+    from google.protobuf.message import DecodeError
+    from safetensors import SafetensorError
+
+    if isinstance(error, DecodeError):
+        reason, space = f"an ONNX file written there could not be read back ({error}), as on a full disk", True
+    else:
+        code = error.errno if isinstance(error, OSError) else None
+        if isinstance(error, SafetensorError) and (found := re.search(r"os error (\d+)", str(error))):
+            code = int(found[1])
+        unchecked_write = isinstance(error, OSError) and str(error).startswith("problem writing element")
+        if code not in WRITE_ERRNOS and not unchecked_write:
+            return None
+        reason, space = str(error), unchecked_write or code in SPACE_ERRNOS
+    if space:  # measured once this run's files are gone: what it had to work with
+        places = {}  # one place per file system: the destination's, and the temporary files' (the quantizer's)
+        for place in (p for p in (destination.parent, Path(tempfile.gettempdir())) if p.is_dir()):
+            places.setdefault(place.stat().st_dev, place)
+        free = ", ".join(f"{shutil.disk_usage(p).free / 2**20:.1f} MiB in {p}" for p in places.values())
+        reason += f" (free without this run's files: {free})"
+    return ConvertRefused(f"cannot write {written} to {destination}: {reason}; the destination is as it was")
 
 
 def _write_directory(source: str, destination: Path, overwrite: bool, written: str, write: Callable[[Path], str]) -> tuple[Path, str]:
-    """Write a directory derived from checkpoint `source` whole or not at all: refuse a destination that could
-    lose data (`_check_destination`), let `write` fill a staging directory beside it, then swap that in
-    (`_replace_directory`). A failure leaves the destination as it was. Returns the destination (resolved)
-    and what `write` returned (a summary to print)."""
+    """Write a directory derived from checkpoint `source` whole or not at all: clean what interrupted runs left,
+    refuse a destination that could lose data (`_check_destination`), let `write` fill a staging directory
+    beside it, then swap that in (`_replace_directory`). A failure leaves the destination as it was; one to
+    write (disk, permissions) is a ConvertRefused naming it. Returns the destination (resolved) and what
+    `write` returned (a summary to print)."""
     destination = destination.resolve()
-    _check_destination(source, destination, overwrite, written)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    # A sibling, so the final rename stays on one file system.
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent))
+    _check_parent(destination)
     try:
-        summary = write(staging)
-        _replace_directory(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        _clean_interrupted_runs(destination)
+        _check_destination(source, destination, overwrite, written)
+        with _work_directory(destination) as work:  # a sibling, so the final rename stays on one file system
+            (work / "new").mkdir()
+            summary = write(work / "new")
+            _apply_umask(work / "new")
+            _replace_directory(work / "new", destination, work / "old")
+    except Exception as error:
+        failure = _write_failure(error, destination, written)
+        if failure is None:
+            raise
+        raise failure from None
     return destination, summary
 
 

@@ -22,17 +22,26 @@ Files of an export directory (beside config.json, the processors and the tokeniz
 from __future__ import annotations
 
 import copy
+import inspect
+import itertools
 import logging
+import math
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+from google.protobuf.message import DecodeError
 from torch import Tensor, nn
 
+from .checkpoints import CheckpointMismatchError
 from .configuration_xvla import XVLAConfig
 from .modeling_xvla import XVLAModel
 
 try:  # the `edge` extra
+    import onnx
     import onnxruntime
 except ModuleNotFoundError as missing:
     raise ModuleNotFoundError(
@@ -46,6 +55,8 @@ DENOISER = "denoise_step"
 ENCODER_INPUTS = ("input_ids", "image_input", "image_mask", "domain_id")
 DENOISER_INPUTS = ("context", "domain_id", "x_t", "proprio", "t")
 OPSET = 18
+# The tensor types whose values can be NaN or infinite (what torch's exporter and ONNX Runtime's quantizer write).
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 
 def graph_file(name: str, quantization: str) -> str:
@@ -145,6 +156,86 @@ def quantize_graphs(directory: Path) -> None:
         )
 
 
+def _node_weights(nodes) -> Iterator[tuple[str, onnx.TensorProto | np.ndarray]]:
+    """The constants in the attributes of `nodes` (float values, tensors, sparse tensors, and those of their
+    subgraphs), each with a label for messages."""
+    for node in nodes:
+        for attribute in node.attribute:
+            label = f"attribute {attribute.name!r} of node {node.name or node.op_type!r}"
+            value = onnx.helper.get_attribute_value(attribute)
+            items = value if isinstance(value, list) else [value]
+            floats = [item for item in items if isinstance(item, float)]
+            if floats:
+                yield label, np.asarray(floats, np.float32)
+            for item in items:
+                if isinstance(item, onnx.SparseTensorProto):
+                    item = item.values
+                if isinstance(item, onnx.TensorProto):
+                    yield label, item
+                elif isinstance(item, onnx.GraphProto):
+                    yield from _graph_weights(item)
+
+
+def _graph_weights(graph: onnx.GraphProto) -> Iterator[tuple[str, onnx.TensorProto | np.ndarray]]:
+    yield from ((f"initializer {tensor.name!r}", tensor) for tensor in graph.initializer)
+    yield from ((f"sparse initializer {sparse.values.name!r}", sparse.values) for sparse in graph.sparse_initializer)
+    yield from _node_weights(graph.node)
+
+
+def _tensor_values(tensor: onnx.TensorProto, path: Path, label: str, mapped: dict[Path, np.memmap]) -> np.ndarray:
+    """The values of `tensor` of the ONNX file `path`. External data must lie inside the export directory and
+    within its file; each file is memory-mapped once (`mapped`)."""
+    if not onnx.external_data_helper.uses_external_data(tensor):
+        return onnx.numpy_helper.to_array(tensor)
+    info = onnx.external_data_helper.ExternalDataInfo(tensor)
+    directory = path.parent.resolve()
+    data = (directory / info.location).resolve()
+    if directory not in data.parents:
+        raise CheckpointMismatchError(f"{path}: {label} names external data {info.location!r} outside {directory}")
+    if data not in mapped and data.is_file() and data.stat().st_size:
+        mapped[data] = np.memmap(data, np.uint8, "r")
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    start = info.offset or 0
+    end = start + math.prod(tensor.dims) * dtype.itemsize
+    size = len(mapped[data]) if data in mapped else 0
+    if end > size:
+        held = f"has {size} bytes" if data.is_file() else "is missing"
+        raise CheckpointMismatchError(
+            f"{path}: {label} is stored in bytes {start}..{end} of {info.location}, which {held}: "
+            "the export is incomplete; export the checkpoint again"
+        )
+    return mapped[data][start:end].view(dtype) if end > start else np.empty(0, dtype)
+
+
+def check_graph_weights(path: Path) -> None:
+    """Refuse an ONNX file with NaN or infinite weights or constants, naming the file and the tensors, before
+    ONNX Runtime loads it (as torch checkpoints are refused, `checkpoints._check_finite`): an int8 graph
+    quantizes its activations around a NaN weight and gives finite, wrong actions that the action guard cannot
+    tell from good ones. One sum per tensor over its memory-mapped data; `isfinite` confirms the suspects."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except DecodeError as error:
+        raise CheckpointMismatchError(
+            f"{path} is not a readable ONNX file ({error}); export the checkpoint again"
+        ) from None
+    bad, mapped = [], {}
+    functions = (_node_weights(function.node) for function in model.functions)
+    for label, weights in itertools.chain(_graph_weights(model.graph), *functions):
+        if isinstance(weights, onnx.TensorProto):
+            if weights.data_type not in FLOAT_TYPES:
+                continue
+            tensor, weights = weights, _tensor_values(weights, path, label, mapped)
+            if onnx.external_data_helper.uses_external_data(tensor):
+                label += f" (in {onnx.external_data_helper.ExternalDataInfo(tensor).location})"
+        if not np.isfinite(weights.sum()) and not np.isfinite(weights).all():
+            bad.append(label)
+    if bad:
+        shown = ", ".join(bad[:8]) + (f", ... ({len(bad) - 8} more)" if len(bad) > 8 else "")
+        raise CheckpointMismatchError(
+            f"{path} holds NaN or infinite values in {shown}: the export is damaged; export the checkpoint again"
+        )
+
+
 @torch.no_grad()
 def max_action_difference(model: XVLAModel, directory: Path, quantization: str, steps: int = 10) -> float:
     """Largest |action| difference between `model` (torch) and its graphs of `quantization` in `directory`, on
@@ -191,9 +282,28 @@ class OnnxRuntimeModel(XVLAModel):
                     f"{path} is missing: inference_backend='onnxruntime' with quantization={quantization!r} loads "
                     f"{graph_file(ENCODER, quantization)} and {graph_file(DENOISER, quantization)}{hint}"
                 )
+            check_graph_weights(path)
             self.sessions[name] = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.directory = Path(directory)
         logger.info("X-VLA on ONNX Runtime %s: %s graphs of %s", onnxruntime.__version__, quantization, directory)
+
+    def generate_actions(self, *args: Any, **kwargs: Any) -> Tensor:
+        """`XVLAModel.generate_actions`, refusing non-finite inputs before ONNX Runtime runs: the int8 graphs
+        quantize activations around a NaN and give finite, wrong actions that the action guard cannot tell from
+        good ones (torch and the fp32 graphs give NaN actions, which the guard refuses)."""
+        given = inspect.signature(XVLAModel.generate_actions).bind(self, *args, **kwargs).arguments
+        guidance_actions, guidance_weights = given.get("guidance") or (None, None)
+        inputs = {
+            "image_input": given["image_input"],
+            "proprio (the state)": given["proprio"],
+            "noise": given.get("noise"),
+            "guidance actions": guidance_actions,
+            "guidance weights": guidance_weights,
+        }
+        for name, value in inputs.items():
+            if value is not None and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name} holds NaN or inf values; the ONNX Runtime backend refuses to act on them")
+        return super().generate_actions(*args, **kwargs)
 
     def save_graphs(self, directory: Path) -> None:
         """Copy every graph file of the loaded export (each quantization, with its weights) into `directory`."""

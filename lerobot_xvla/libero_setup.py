@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import itertools
 import os
 import tempfile
 from dataclasses import dataclass
@@ -107,7 +108,7 @@ def libero_config(benchmark_root: Path) -> dict[str, str]:
 
 def _backup_name(path: Path) -> Path:
     """`<path>.bak`, or `<path>.bak1`, ... : the first name that is free."""
-    candidates = (path.with_name(f"{path.name}.bak{n or ''}") for n in range(1000))
+    candidates = (path.with_name(f"{path.name}.bak{n or ''}") for n in itertools.count())
     return next(c for c in candidates if not os.path.lexists(c))
 
 
@@ -134,10 +135,10 @@ def link_assets(link: Path, tree: Path, overwrite: bool = False) -> str:
 
 
 def _read_yaml(path: Path) -> object:
-    """The file's YAML contents, None when it is not YAML (then it differs as a whole)."""
+    """The file's YAML contents, None when it is not YAML text (then it differs as a whole)."""
     try:
         return yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
+    except (yaml.YAMLError, UnicodeDecodeError):
         return None
 
 
@@ -151,20 +152,35 @@ def _differing_entries(existing: object, config: dict[str, str]) -> list[str]:
 def write_config(config_file: Path, config: dict[str, str], overwrite: bool = False) -> str:
     """Write LIBERO's config.yaml atomically; returns what was done. An existing config is left as it is when
     the entries the simulation reads are the same (a user's own datasets folder, say); one with other paths
-    there is refused, naming them, unless `overwrite`, then kept as config.yaml.bak (or .bak1, ...)."""
+    there is refused, naming them, unless `overwrite`, then kept as config.yaml.bak (or .bak1, ...); so is a
+    config.yaml that is a directory or a link to nothing (moved aside whole). A config directory that is a file
+    is refused."""
     replaced = ""
+    if os.path.lexists(config_file.parent) and not config_file.parent.is_dir():
+        raise LiberoSetupRefused(
+            f"{config_file.parent} is a file, not a directory: LIBERO reads config.yaml from the directory "
+            "$LIBERO_CONFIG_PATH (else ~/.libero); remove the file or set LIBERO_CONFIG_PATH to a directory"
+        )
     if os.path.lexists(config_file):
-        differing = _differing_entries(_read_yaml(config_file), config)
-        if not differing:
-            return f"unchanged: {config_file}"
+        if config_file.is_file():
+            differing = _differing_entries(_read_yaml(config_file), config)
+            if not differing:
+                return f"unchanged: {config_file}"
+            what = f"exists with other paths than the installed LIBERO's ({', '.join(differing)})"
+        elif config_file.is_symlink() and not config_file.exists():
+            what = f"is a symbolic link to {os.readlink(config_file)}, which does not exist"
+        else:
+            what = f"is {'a directory' if config_file.is_dir() else 'not a regular file'}, not LIBERO's config file"
         if not overwrite:
             raise LiberoSetupRefused(
-                f"{config_file} exists with other paths than the installed LIBERO's ({', '.join(differing)}); "
-                "pass --overwrite to replace it (the old one is kept under a .bak name), "
+                f"{config_file} {what}; pass --overwrite to replace it (the old one is kept under a .bak name), "
                 "or set LIBERO_CONFIG_PATH to another directory"
             )
         backup = _backup_name(config_file)
-        backup.write_bytes(config_file.read_bytes())
+        if config_file.is_file():  # copied, so config.yaml is never missing: the new one is renamed over it
+            backup.write_bytes(config_file.read_bytes())
+        else:  # a directory or a dangling link is moved aside whole
+            config_file.rename(backup)
         replaced = f" (the previous one is now {backup})"
     config_file.parent.mkdir(parents=True, exist_ok=True)
     staging_args = {"dir": config_file.parent, "prefix": ".config.", "suffix": ".tmp", "delete": False}
@@ -175,9 +191,13 @@ def write_config(config_file: Path, config: dict[str, str], overwrite: bool = Fa
 
 
 def libero_setup(config_dir: Path | None = None, overwrite: bool = False) -> list[str]:
-    """Link LIBERO's assets to the registry's tree and write its config; returns one line per action."""
+    """Link LIBERO's assets to the registry's tree and write its config; returns one line per action. A file
+    that cannot be read or written (permissions, a read-only or full file system) is refused naming it."""
     paths = find_paths(config_dir)
-    return [
-        link_assets(paths.assets_link, paths.assets, overwrite),
-        write_config(paths.config_file, libero_config(paths.benchmark_root), overwrite),
-    ]
+    try:
+        return [
+            link_assets(paths.assets_link, paths.assets, overwrite),
+            write_config(paths.config_file, libero_config(paths.benchmark_root), overwrite),
+        ]
+    except OSError as error:
+        raise LiberoSetupRefused(str(error)) from None

@@ -15,7 +15,7 @@ import torch
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.configs.types import FeatureType, PolicyFeature
 from lerobot.policies.factory import make_pre_post_processors
-from lerobot.processor import DataProcessorPipeline, NormalizerProcessorStep, UnnormalizerProcessorStep
+from lerobot.processor import NormalizerProcessorStep, UnnormalizerProcessorStep
 
 from lerobot_xvla import XVLAConfig, XVLAPolicy
 from lerobot_xvla.checkpoints import CheckpointMismatchError
@@ -266,35 +266,18 @@ def test_an_empty_destination_directory_is_used(source, tmp_path):
     assert torch.equal(loaded_action(tmp_path / "empty"), loaded_action(source))
 
 
-def mismatched_source(tmp_path: Path, tokenizer: Path, monkeypatch) -> tuple[Path, type[Exception]]:
-    """config.json of one architecture, weights of another: loading fails before anything is written."""
-    directory = save_checkpoint(tmp_path / "broken", tokenizer)
-    config = json.loads((directory / "config.json").read_text())
-    (directory / "config.json").write_text(json.dumps({**config, "depth": 3}))
-    return directory, CheckpointMismatchError
-
-
-def full_disk(tmp_path: Path, tokenizer: Path, monkeypatch) -> tuple[Path, type[Exception]]:
-    """The disk fills up after the weights are written, when the processors are."""
-
-    def no_space(self, *args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    source = save_checkpoint(tmp_path / "source", tokenizer)
-    monkeypatch.setattr(DataProcessorPipeline, "save_pretrained", no_space)
-    return source, OSError
-
-
 @pytest.mark.parametrize("old_destination", [False, True], ids=["no_destination", "old_destination"])
-@pytest.mark.parametrize("failure", [mismatched_source, full_disk])
-def test_a_failed_conversion_leaves_the_destination_as_it_was(tmp_path, tokenizer, monkeypatch, failure,
-                                                              old_destination):
+def test_a_failed_conversion_leaves_the_destination_as_it_was(tmp_path, tokenizer, old_destination):
+    """config.json of one architecture, weights of another: loading fails before anything is written (a full
+    disk while writing: test_cli_filesystem.py)."""
     destination = tmp_path / "converted"
     if old_destination:
         save_checkpoint(destination, tokenizer, seed=2)  # other weights than the source's
-    source, error = failure(tmp_path, tokenizer, monkeypatch)
+    source = save_checkpoint(tmp_path / "broken", tokenizer)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "depth": 3}))
     before, siblings = files(destination), {p.name for p in tmp_path.iterdir()}
-    with pytest.raises(error):
+    with pytest.raises(CheckpointMismatchError):
         cli_main(["convert", str(source), str(destination), "--overwrite"])
     assert files(destination) == before  # the old checkpoint, or still no directory
     assert {p.name for p in tmp_path.iterdir()} == siblings  # no temporary directory left behind

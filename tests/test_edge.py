@@ -8,8 +8,12 @@ import contextlib
 import importlib.util
 import io
 import json
+import math
+import re
+import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import json_numpy
 import numpy as np
@@ -17,6 +21,7 @@ import pytest
 import torch
 
 from lerobot_xvla import XVLAConfig, XVLAPolicy
+from lerobot_xvla.checkpoints import CheckpointMismatchError
 from lerobot_xvla.configuration_xvla import XVLAConfigError
 from lerobot_xvla.modeling_xvla import load_for_inference
 from lerobot_xvla.processor_xvla import make_xvla_pre_post_processors
@@ -225,3 +230,138 @@ def test_the_plugin_imports_without_the_edge_extra(source):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "X-VLA's ONNX export and runtime need onnxruntime: pip install 'lerobot_policy_xvla[edge]'" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An export is untrusted input: NaN weights are refused at load, non-finite inputs before ONNX Runtime runs
+# ---------------------------------------------------------------------------------------------------------
+def float_initializer(graph, external: bool):
+    """The largest float initializer of `graph` (an onnx.ModelProto) stored in external data, or inline."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    initializers = graph.graph.initializer
+    floats = [t for t in initializers if t.data_type == onnx.TensorProto.FLOAT and uses_external_data(t) == external]
+    return max(floats, key=lambda t: math.prod(t.dims))
+
+
+def write_nan_into(path, external: bool) -> str:
+    """NaN over part of a float initializer of the ONNX file `path`: in its external data file (as bytes written
+    over the file), or in the graph file itself. Returns the tensor's name."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo
+
+    graph = onnx.load(str(path), load_external_data=False)
+    tensor = float_initializer(graph, external)
+    count = math.prod(tensor.dims) // 4
+    nan = np.full(count, np.nan, np.float32).tobytes()
+    if external:
+        info = ExternalDataInfo(tensor)
+        with open(path.parent / info.location, "r+b") as data:
+            data.seek((info.offset or 0) + 4 * count)
+            data.write(nan)
+    else:
+        values = onnx.numpy_helper.to_array(tensor).copy().ravel()
+        values[count : 2 * count] = np.nan
+        tensor.CopyFrom(onnx.numpy_helper.from_array(values.reshape(tuple(tensor.dims)), tensor.name))
+        onnx.save(graph, str(path))  # the graph file only: external data stays where it is
+    return tensor.name
+
+
+@needs_edge
+@pytest.mark.parametrize(
+    ("graph", "external", "quantization"),
+    [
+        ("encode_observation.int8.onnx", True, "int8"),
+        ("denoise_step.onnx", False, "none"),
+        ("encode_observation.onnx", True, "none"),
+    ],
+    ids=["int8_external_data", "fp32_inline", "fp32_external_data"],
+)
+def test_nan_weights_in_an_export_are_refused_at_load(export, tmp_path, graph, external, quantization):
+    """NaN written over part of a graph's weights: loading names the file and the tensor (int8 would otherwise
+    give finite, wrong actions: -1.21 .. 0.80 on this model, measured before the check existed)."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(export[0], damaged)
+    name = write_nan_into(damaged / graph, external)
+    stored = f" \\(in {re.escape(graph)}\\.data\\)" if external else ""
+    expected = (
+        f"{re.escape(str(damaged / graph))} holds NaN or infinite values in initializer '{re.escape(name)}'{stored}: "
+        "the export is damaged"
+    )
+    with pytest.raises(CheckpointMismatchError, match=expected):
+        load_for_inference(damaged, quantization=quantization)
+
+
+@needs_edge
+def test_truncated_external_data_is_refused_at_load(export, tmp_path):
+    damaged = tmp_path / "truncated"
+    shutil.copytree(export[0], damaged)
+    data = damaged / "denoise_step.int8.onnx.data"
+    data.write_bytes(data.read_bytes()[:1000])
+    expected = (
+        r"denoise_step\.int8\.onnx: initializer '.*' is stored in bytes \d+\.\.\d+ of denoise_step\.int8\.onnx\.data, "
+        "which has 1000 bytes: the export is incomplete"
+    )
+    with pytest.raises(CheckpointMismatchError, match=expected):
+        load_for_inference(damaged)
+
+
+def non_finite(batch: dict, what: str) -> dict:
+    """`batch` with NaN in one pixel of the first camera, or in one state value."""
+    key = next(k for k in batch if k.startswith("observation.images")) if what == "image" else "observation.state"
+    batch[key] = batch[key].clone()
+    batch[key].view(-1)[0] = float("nan")
+    return batch
+
+
+@needs_edge
+@pytest.mark.parametrize("quantization", ["int8", "none"])
+def test_non_finite_inputs_are_refused_before_onnx_runtime_runs(export, quantization):
+    """A NaN image, state, initial noise or guidance never reaches the graphs (int8 turned a NaN image into finite
+    actions: -1.20 .. 0.76, measured before the check existed)."""
+    policy, preprocessor, _ = load_for_inference(export[0], quantization=quantization)
+    runs = []
+    for name, session in list(policy.model.sessions.items()):  # each graph's runs recorded
+        record = lambda *args, _session=session, _name=name: runs.append(_name) or _session.run(*args)
+        policy.model.sessions[name] = SimpleNamespace(run=record)
+    nan_chunk, inf_weights = torch.full((1, 30, 20), torch.nan), torch.full((30,), torch.inf)
+    cases = {
+        "image_input": (non_finite(preprocessor(observation()), "image"), {}),
+        r"proprio \(the state\)": (non_finite(preprocessor(observation()), "state"), {}),
+        "noise": (preprocessor(observation()), {"noise": nan_chunk}),
+        "guidance actions": (preprocessor(observation()), {"guidance": (nan_chunk, torch.ones(30))}),
+        "guidance weights": (preprocessor(observation()), {"guidance": (torch.zeros(1, 30, 20), inf_weights)}),
+    }
+    for name, (batch, extra) in cases.items():
+        with pytest.raises(ValueError, match=f"^{name} holds NaN or inf values; the ONNX Runtime backend refuses to act"):
+            policy.predict_action_chunk(batch, **extra)
+    assert runs == []
+    assert torch.isfinite(policy.predict_action_chunk(preprocessor(observation()))).all()
+    assert runs == ["encode_observation"] + ["denoise_step"] * policy.config.num_denoising_steps
+
+
+@needs_edge
+def test_a_full_disk_during_the_int8_quantization_is_one_line(source, tmp_path, capsys, monkeypatch):
+    """On a full disk ONNX's shape inference (which the quantizer runs) writes a truncated file without an error,
+    and reading it back raises protobuf's DecodeError: reported as a write failure, nothing left behind."""
+    import onnx.shape_inference
+
+    infer_shapes_path = onnx.shape_inference.infer_shapes_path
+
+    def full_disk(model_path, output_path, *args, **kwargs):
+        infer_shapes_path(model_path, output_path, *args, **kwargs)
+        with open(output_path, "r+b") as written:
+            written.truncate(written.seek(0, 2) // 3)
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes_path", full_disk)
+    destination = tmp_path / "export"
+    assert cli_main(["export", str(source), str(destination), "--int8"]) == 2
+    captured = capsys.readouterr()
+    assert re.fullmatch(
+        f"lerobot-xvla export: error: cannot write the export to {re.escape(str(destination))}: an ONNX file written "
+        r"there could not be read back \(Error parsing message.*\), as on a full disk \(free without this run's "
+        r"files: .*\); the destination is as it was\n",
+        captured.err,
+    )
+    assert list(tmp_path.iterdir()) == []
