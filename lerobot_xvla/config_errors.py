@@ -7,7 +7,8 @@ value of an X-VLA type that union has one candidate, so the reason is all there 
 error. Unions of other policies' values keep draccus's message.
 
 LeRobot 0.6 prints a `DecodingError` as `error: <message>`; LeRobot 0.4 lets it reach the interpreter, so an
-excepthook prints ours the same way instead of a traceback.
+excepthook prints ours the same way instead of a traceback. It does the same for an `XVLAConfigError` that reaches
+the interpreter from a command's body (a checkpoint that cannot act as configured).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from draccus.parsers import decoding
 from draccus.utils import DecodingError
 from lerobot.configs.policies import PreTrainedConfig
 
-from .configuration_xvla import XVLAConfig
+from .configuration_xvla import XVLAConfig, XVLAConfigError
 
 _FIELDS = frozenset(field.name for field in dataclasses.fields(XVLAConfig))
 
@@ -68,8 +69,11 @@ def _decode_union(original):
 
 
 def _print_in_one_line(previous):
+    """The excepthook: our config errors (on 0.4 at parsing; on both when a command such as lerobot-eval or
+    lerobot-rollout meets a config it cannot deploy, e.g. a mixture without its domain id) in one line."""
+
     def excepthook(kind, error, traceback):
-        if isinstance(error, XVLAConfigDecodingError):
+        if isinstance(error, (XVLAConfigDecodingError, XVLAConfigError)):
             print(f"error: {error}", file=sys.stderr)  # the interpreter still exits with status 1
         else:
             previous(kind, error, traceback)

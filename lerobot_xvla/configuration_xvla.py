@@ -84,7 +84,7 @@ _INT_MAXIMUM = {
 }  # fmt: skip
 # The other sizes: view slots (3 in every checkpoint), pixels per image side (224), frames the time anchors span
 # (the original's 1-5 s), the MLP width as a multiple of hidden_size (4).
-_MAX_VIEWS, _MAX_IMAGE_SIDE, _MAX_ANCHOR_FRAMES, _MAX_MLP_RATIO = 32, 4096, 4096, 64
+_MAX_VIEWS, _MAX_IMAGE_SIDE, MAX_ANCHOR_FRAMES, _MAX_MLP_RATIO = 32, 4096, 4096, 64
 # The network is built in float32 on the CPU whatever its dtypes (bf16 weights are cast after loading).
 _BUILD_BYTES_PER_PARAMETER = 4
 # Real-valued fields: True when they must be > 0, False when >= 0 does (rates, scales, norms).
@@ -507,11 +507,15 @@ class XVLAConfig(PreTrainedConfig):
             check_sources(self.mixture, self.num_domains, self.action_mode)
         except MixtureError as error:
             raise XVLAConfigError(str(error)) from None
-        exclusive = {"domain_map": self.domain_map, "domain_feature_key": self.domain_feature_key,
-                     "anchor_horizon_s": self.anchor_horizon_s, "resize_imgs_with_padding": self.resize_imgs_with_padding}
-        for name, value in exclusive.items():
-            _require(not value, f"{name} cannot be combined with mixture (each source sets its domain; time anchors and "
-                                "letterboxing are not supported in mixtures yet)")
+        exclusive = {
+            "domain_map": "each source sets its domain_id",
+            "domain_feature_key": "each source sets its domain_id",
+            "anchor_horizon_s": "time anchors are set per source (anchor_horizon_s in each entry; the fps is its dataset's)",
+            "anchor_fps": "time anchors are set per source (anchor_horizon_s in each entry; the fps is its dataset's)",
+            "resize_imgs_with_padding": "letterboxing is not supported in mixtures yet",
+        }
+        for name, reason in exclusive.items():
+            _require(not getattr(self, name), f"{name} cannot be combined with mixture: {reason}")
         _require(not get_action_mode_class(self.action_mode).joint_space_robot,
                  f"action_mode={self.action_mode} converts joints by kinematics, which a mixture does not support yet")
         domains = sorted(self.mixture_domains)
@@ -532,8 +536,8 @@ class XVLAConfig(PreTrainedConfig):
         )
         frames = self.anchor_horizon_frames or 0
         _require(
-            frames <= _MAX_ANCHOR_FRAMES,
-            f"anchor_horizon_s * anchor_fps must be at most {_MAX_ANCHOR_FRAMES} frames (a sample loads every frame "
+            frames <= MAX_ANCHOR_FRAMES,
+            f"anchor_horizon_s * anchor_fps must be at most {MAX_ANCHOR_FRAMES} frames (a sample loads every frame "
             f"of the horizon), got {horizon} s * {fps} fps = {frames:g}",
         )
         _require(
@@ -583,9 +587,28 @@ class XVLAConfig(PreTrainedConfig):
     # Derived views of the config
     # ----------------------------------------------------------------------------------------------------
     @property
+    def time_anchors(self) -> tuple[float, float] | None:
+        """(horizon in seconds, frame rate) of the time anchors the policy acts with; None without. A mixture policy
+        acting as one domain has that domain's (its source's anchor_horizon_s at its dataset's fps); while a
+        mixture trains, each sample has its domain's (`mixture_anchor_frames`)."""
+        if self.mixture:
+            source = self.mixture_domains.get(self.domain_id)
+            return None if source is None or source.anchor_horizon_s is None else (source.anchor_horizon_s, source.fps)
+        return None if self.anchor_horizon_s is None else (self.anchor_horizon_s, self.anchor_fps)
+
+    @property
     def anchor_horizon_frames(self) -> float | None:
         """The time anchors' horizon in dataset frames (control steps); None without time anchors."""
-        return None if self.anchor_horizon_s is None else self.anchor_horizon_s * self.anchor_fps
+        return None if self.time_anchors is None else self.time_anchors[0] * self.time_anchors[1]
+
+    @property
+    def mixture_anchor_frames(self) -> dict[int, float] | None:
+        """Domain id -> its time anchors' horizon in its dataset's frames, for a mixture trained with time anchors
+        (every source has them or none does); None otherwise."""
+        domains = self.mixture_domains
+        if not domains or any(s.anchor_horizon_s is None or s.fps is None for s in domains.values()):
+            return None
+        return {domain: source.anchor_horizon_s * source.fps for domain, source in domains.items()}
 
     @property
     def executable_steps(self) -> int:
@@ -721,9 +744,18 @@ class XVLAConfig(PreTrainedConfig):
         if source is None or self.action_dim is None or source.action_dim is None:
             return
         if self.action_dim != source.action_dim:
-            raise ValueError(
+            raise XVLAConfigError(
                 f"domain {self.domain_id} of this mixture policy was trained on {source.action_dim}-D actions "
                 f"({source.repo_id}), but the robot or env here has {self.action_dim}"
+            )
+
+    def require_deployed_domain(self) -> None:
+        """A mixture checkpoint acts as one of its robots, which the user names: refuse to deploy it without."""
+        if self.mixture and self.domain_id is None:
+            domains = self.mixture_domains
+            raise XVLAConfigError(
+                f"this X-VLA was trained on a mixture of robots: choose the one it acts as with --policy.domain_id "
+                f"(one of {sorted(domains)}: {', '.join(f'{d} = {s.repo_id}' for d, s in domains.items())})"
             )
 
     def act_as_domain(self) -> None:
@@ -768,10 +800,7 @@ class XVLAConfig(PreTrainedConfig):
 
     @property
     def action_delta_indices(self) -> list[int]:
-        """Consecutive frames, or with time anchors every frame of the horizon (the current one included)."""
-        if self.anchor_horizon_frames is None:
-            return list(range(self.chunk_size))
-        return list(range(math.ceil(self.anchor_horizon_frames) + 1))
+        return action_frames(self.chunk_size, self.anchor_horizon_frames)
 
     @property
     def reward_delta_indices(self) -> None:
@@ -794,6 +823,14 @@ class XVLAConfig(PreTrainedConfig):
             if f.metadata.get("plugin_only") and getattr(self, f.name) == _field_default(f):
                 encoded.pop(f.name, None)
         path.write_text(json.dumps(encoded, indent=4))
+
+
+def action_frames(chunk_size: int, anchor_horizon_frames: float | None) -> list[int]:
+    """Frames of a training sample's actions: chunk_size consecutive ones, or with time anchors every frame of the
+    horizon (the current one included), from which the anchors are interpolated."""
+    if anchor_horizon_frames is None:
+        return list(range(chunk_size))
+    return list(range(math.ceil(anchor_horizon_frames) + 1))
 
 
 def _field_default(f: dataclasses.Field) -> Any:

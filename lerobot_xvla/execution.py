@@ -11,8 +11,9 @@ chunks disagree (lerobot#2942). Options, all in the config:
   exponential decay over the overlap) instead of RTC's velocity correction.
 * `chunk_blend_steps`: the first actions of a new chunk are cross-faded with the previous chunk's
   overlapping actions (temporal ensembling at the boundary).
-* time anchors (`anchor_horizon_s`): a chunk holds anchors spaced horizon / chunk_size seconds apart; they
-  are interpolated to the control rate `anchor_fps`, starting from the last commanded action.
+* time anchors (`anchor_horizon_s`, or a mixture domain's): a chunk holds anchors spaced horizon / chunk_size
+  seconds apart; they are interpolated to the control rate (`anchor_fps`, or the domain's dataset fps), starting
+  from the last commanded action.
 * `use_predicted_proprio`: after the first chunk the proprio is the last commanded action instead of the
   measured state (the original LIBERO client's open-loop mode).
 """
@@ -101,7 +102,7 @@ class ChunkExecutor:
 
         With time anchors the leftover is at the control rate while the chunk holds anchors, so anchors
         skip the guidance (their time base differs)."""
-        if not self.config.rtc_guidance or self.leftover is None or self.config.anchor_horizon_s is not None:
+        if not self.config.rtc_guidance or self.leftover is None or self.config.time_anchors is not None:
             return None
         overlap = min(self.leftover.shape[1], horizon)
         target = F.pad(self.leftover[:, :overlap], (0, 0, 0, horizon - overlap))  # [B, horizon, D], zeros past the overlap
@@ -110,10 +111,11 @@ class ChunkExecutor:
     def add_chunk(self, chunk: Tensor) -> None:
         """Queue the first n_action_steps of a predicted chunk [B, T, D] (after interpolation and blending)."""
         cfg = self.config
-        if cfg.anchor_horizon_s is not None:
+        if cfg.time_anchors is not None:
+            horizon_s, fps = cfg.time_anchors
             start = self.last_action if self.last_action is not None else chunk[:, 0]
-            step = cfg.anchor_horizon_s / cfg.chunk_size
-            times = torch.arange(1, cfg.executable_steps + 1, dtype=chunk.dtype, device=chunk.device) / cfg.anchor_fps
+            step = horizon_s / cfg.chunk_size
+            times = torch.arange(1, cfg.executable_steps + 1, dtype=chunk.dtype, device=chunk.device) / fps
             chunk = interpolate(start, chunk, step, times)
         if cfg.chunk_blend_steps and self.leftover is not None:
             blend = min(cfg.chunk_blend_steps, self.leftover.shape[1], chunk.shape[1])

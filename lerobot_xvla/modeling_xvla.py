@@ -45,6 +45,8 @@ from .checkpoints import checkpoint_florence_config, is_original_config, load_st
 from .configuration_xvla import XVLAConfig, XVLAConfigError
 from .execution import ChunkExecutor, check_rtc_leftover, lerobot_rtc_guidance
 from .florence import build_florence_encoder, encode_views, projection_dim
+from .mixture.dataset import MixtureMetadata
+from .mixture.sources import MIXTURE_DOMAIN_KEY
 from .processor_files import refuse_outside
 from .processor_xvla import TOKENIZER_DIR, normalized_pixel_range, resolve_tokenizer_name, whole_domain_ids
 from .soft_transformer import SoftPromptedTransformer
@@ -512,7 +514,17 @@ class XVLAPolicy(PreTrainedPolicy):
             rows[domain, : len(cameras)] = torch.tensor([key in source.cameras for key in cameras])
         return rows.to(domain_id.device)[domain_id]
 
-    def _targets(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def _anchor_frames(self, domain_id: Tensor) -> float | Tensor | None:
+        """The time anchors' horizon in frames: the config's, or per sample [B] while a mixture trains (each
+        source's horizon at its own fps); None without time anchors."""
+        by_domain = self.config.mixture_anchor_frames if self.config.sample_domain_key == MIXTURE_DOMAIN_KEY else None
+        if by_domain is None:
+            return self.config.anchor_horizon_frames
+        table = torch.zeros(self.config.num_domains, dtype=torch.float32)
+        table[list(by_domain)] = torch.tensor(list(by_domain.values()), dtype=torch.float32)
+        return table.to(domain_id.device)[domain_id]
+
+    def _targets(self, batch: dict[str, Tensor], domain_id: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Targets [B, chunk_size, dim_action], their valid-step mask [B, chunk_size] (None: all valid) and,
         with time anchors, the trajectory's first point [B, action_dim] that serves as proprio."""
         if ACTION not in batch:
@@ -529,8 +541,9 @@ class XVLAPolicy(PreTrainedPolicy):
             )
         valid = ~batch[ACTION_IS_PAD].bool() if ACTION_IS_PAD in batch else None
         cfg, dim_action = self.config, self.model.dim_action
-        if cfg.anchor_horizon_frames is not None:
-            anchors = resample_anchors(actions, valid, cfg.anchor_horizon_frames, cfg.chunk_size + 1)
+        horizon = self._anchor_frames(domain_id)
+        if horizon is not None:
+            anchors = resample_anchors(actions, valid, horizon, cfg.chunk_size + 1)
             return nn.functional.pad(anchors[:, 1:], (0, dim_action - actions.shape[-1])), None, anchors[:, 0]
         horizon, steps = cfg.chunk_size, actions.shape[1]
         if steps < horizon:
@@ -569,8 +582,8 @@ class XVLAPolicy(PreTrainedPolicy):
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         if self.training and self._bf16_weights:
             raise ValueError("weights_dtype=bfloat16 is for inference; train with dtype=bfloat16 (fp32 master weights)")
-        actions, valid, first_point = self._targets(batch)
         inputs = self._build_model_inputs(batch)
+        actions, valid, first_point = self._targets(batch, inputs["domain_id"])
         if first_point is not None:  # time anchors: the proprio is the trajectory's first point
             inputs["proprio"] = self._pad_proprio(first_point)
         with self._autocast(actions.device):
@@ -633,7 +646,7 @@ class XVLAPolicy(PreTrainedPolicy):
     def supports_rtc(self) -> bool:
         """LeRobot's RTC inference engine executes predicted chunks at the control rate; chunks of time
         anchors are not, so they run with the sync engine (whose select_action interpolates them)."""
-        return self.config.anchor_horizon_s is None
+        return self.config.time_anchors is None
 
     @torch.no_grad()
     def select_action(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
@@ -695,6 +708,8 @@ class XVLAPolicy(PreTrainedPolicy):
         )
         if config is None:
             config = load_config(directory)
+        if not isinstance(kwargs.get("dataset_meta"), MixtureMetadata):  # only lerobot-train on a mixture passes one
+            config.require_deployed_domain()  # lerobot-rollout loads policies here, not through make_policy
         if config.inference_backend != "onnxruntime" and not (directory / "model.safetensors").is_file():
             raise CheckpointNotFoundError(f"{str(directory)!r} has a config.json but no model.safetensors: not a complete X-VLA checkpoint")
         if config.inference_backend == "onnxruntime":  # `lerobot-xvla export`: two ONNX graphs, no torch weights

@@ -65,7 +65,7 @@ from lerobot.utils.constants import OBS_STATE
 
 from . import config_errors
 from .compat import HAS_LEROBOT_ROLLOUT
-from .configuration_xvla import COMPILE_MODES, XVLAConfig, XVLAConfigError
+from .configuration_xvla import COMPILE_MODES, XVLAConfig
 from .env_adapters import env_adapter
 from .mixture.stats import is_mixture_stats
 from .processor_files import load_checked_processor_file, refuse_outside
@@ -162,11 +162,8 @@ def _adopt_mixture(cfg: XVLAConfig, ds_meta) -> None:
 
     if isinstance(ds_meta, MixtureMetadata):
         cfg.input_features = policy_input_features(ds_meta)
-    elif cfg.domain_id is None:
-        raise XVLAConfigError(
-            f"this X-VLA was trained on a mixture of robots: choose the one it acts as with --policy.domain_id "
-            f"(one of {sorted(cfg.mixture_domains)}: {', '.join(f'{d} = {s.repo_id}' for d, s in cfg.mixture_domains.items())})"
-        )
+    else:
+        cfg.require_deployed_domain()
 
 
 def _camera_check_by_name(original):

@@ -122,11 +122,11 @@ class TwoStageSchedulerConfig(LRSchedulerConfig):
         return LambdaLR(optimizer, [lambda step, n=n: self.factor(n, step, decay_steps) for n in names])
 
 
-def resample_anchors(trajectory: torch.Tensor, valid: torch.Tensor | None, horizon: float, points: int) -> torch.Tensor:
+def resample_anchors(trajectory: torch.Tensor, valid: torch.Tensor | None, horizon: float | torch.Tensor, points: int) -> torch.Tensor:
     """Resample consecutive frames to `points` evenly spaced anchors over `horizon` frames (linear interpolation).
 
-    trajectory [B, T, D] with T > horizon frames from the current one; valid [B, T] marks real frames (None:
-    all). As in the original data pipeline, a window that runs past the end of the episode is shrunk to the
+    trajectory [B, T, D] with T > horizon frames from the current one; horizon one number or one per sample [B]
+    (a mixture's sources at their own fps); valid [B, T] marks real frames (None: all). As in the original data pipeline, a window that runs past the end of the episode is shrunk to the
     frames left, so the anchors are compressed rather than padded. Returns [B, points, D].
     """
     batch, frames, width = trajectory.shape
@@ -134,7 +134,7 @@ def resample_anchors(trajectory: torch.Tensor, valid: torch.Tensor | None, horiz
         available = trajectory.new_full((batch,), frames - 1.0)
     else:
         available = (valid.sum(dim=1) - 1).clamp_min(0).to(trajectory.dtype)
-    span = available.clamp(max=horizon)  # [B] frames covered by the anchors
+    span = torch.minimum(available, torch.as_tensor(horizon, dtype=trajectory.dtype, device=trajectory.device))  # [B] frames covered
     times = torch.linspace(0, 1, points, dtype=trajectory.dtype, device=trajectory.device)[None] * span[:, None]
     low = times.floor().long().clamp(max=frames - 1)
     high = (low + 1).clamp(max=frames - 1)

@@ -139,3 +139,31 @@ def two_camera_checkpoint(tmp_path_factory, three_view_checkpoint):
         f"--output_dir={root / 'train'}",
     )
     return root / "train" / "checkpoints" / "last" / "pretrained_model"
+
+
+SO101_DOMAIN, PUSHT_DOMAIN = 6, 3  # the domains of `mixture_checkpoint`
+
+
+@pytest.fixture(scope="session")
+def mixture_checkpoint(tmp_path_factory, tokenizer_dir):
+    """One X-VLA co-trained (`--policy.mixture`, 2 steps) on the two-arm SO101's dataset (domain 6: 12 joints, two
+    cameras, 10 fps) and a PushT reach dataset (domain 3: a 2-D target, one camera renamed onto the SO101's first)."""
+    from so101_deploy import ROBOT_CAMERAS, write_two_camera_dataset
+
+    from lerobot_xvla.demo import DEMO_CONFIG
+    from lerobot_xvla.demo_pusht import record_pusht_dataset
+
+    root = tmp_path_factory.mktemp("so101_pusht_mixture")
+    so101 = write_two_camera_dataset(root / "so101")
+    pusht = record_pusht_dataset(root / "pusht", seeds=[0, 1], frames=8, repo_id="local/xvla_demo_pusht")
+    mixture = [
+        {"repo_id": so101.repo_id, "root": str(so101.root), "domain_id": SO101_DOMAIN},
+        {"repo_id": pusht.repo_id, "root": str(pusht.root), "domain_id": PUSHT_DOMAIN,
+         "rename_map": {"observation.image": ROBOT_CAMERAS[0]}},
+    ]  # fmt: skip
+    lerobot(
+        "lerobot-train", f"--config_path={DEMO_CONFIG}", "--dataset.repo_id=mixture", f"--policy.mixture={json.dumps(mixture)}",
+        f"--policy.tokenizer_name={tokenizer_dir}", "--steps=2", "--batch_size=2", "--num_workers=0", "--save_freq=2",
+        "--log_freq=1", f"--output_dir={root / 'train'}",
+    )  # fmt: skip
+    return root / "train" / "checkpoints" / "last" / "pretrained_model"

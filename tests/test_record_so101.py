@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,9 @@ from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from lerobot.scripts import lerobot_record
 from lerobot_xvla import XVLAPolicy
 from lerobot_xvla.compat import DEPLOY_COMMAND
+from lerobot_xvla.configuration_xvla import XVLAConfigError
 
+from conftest import SO101_DOMAIN
 from sim_so101 import SimBus, simulated_serial
 from so101_deploy import (  # noqa: F401  (checkpoint and robot are fixtures)
     ACTION_NAMES,
@@ -241,5 +244,27 @@ def test_two_camera_robot_records_with_a_three_view_checkpoint(two_camera_checkp
     policy = calls[0]["instance"]
     assert policy.config.num_image_views == 3 and policy.config.camera_order == THREE_VIEWS[:2]
     assert load_episode(root)["action"].shape[1] == 12
+    writes = assert_goals_inside_calibration(robot)
+    assert len({(w.port, w.motor_id) for w in writes}) == 12
+
+
+@records_with_a_policy
+def test_record_with_a_mixture_checkpoint_as_its_so101_domain(mixture_checkpoint, robot, tmp_path, monkeypatch):
+    """A checkpoint co-trained on the SO101 and PushT (`--policy.mixture`) records with `--policy.domain_id`: the
+    SO101's domain acts with its 12-D actions, clamped to the range of the SO101 dataset it was trained on; without
+    `--policy.domain_id` the command stops before the robot moves, naming the domains."""
+    with pytest.raises(XVLAConfigError, match=r"choose the one it acts as with --policy.domain_id \(one of \[3, 6\]"):
+        record(monkeypatch, tmp_path, mixture_checkpoint)
+    assert not assert_goals_inside_calibration(robot)
+    shutil.rmtree(tmp_path / "dataset")  # lerobot-record creates the dataset before it loads the policy
+
+    calls = spy_on_policy(monkeypatch, robot)
+    root = record(monkeypatch, tmp_path, mixture_checkpoint, f"--policy.domain_id={SO101_DOMAIN}")
+    assert calls and all(c["policy"] is XVLAPolicy for c in calls)
+    assert calls[0]["instance"].config.domain_id == SO101_DOMAIN
+    actions = load_episode(root)["action"]
+    assert actions.shape[1] == 12 and len(actions) >= 3
+    stats = training_stats()["action"]  # the SO101 dataset's actions were drawn inside this range
+    assert np.all(actions >= stats["min"].numpy() - 1e-4) and np.all(actions <= stats["max"].numpy() + 1e-4)
     writes = assert_goals_inside_calibration(robot)
     assert len({(w.port, w.motor_id) for w in writes}) == 12

@@ -32,6 +32,7 @@ import torch
 
 from lerobot_xvla import XVLAPolicy
 from lerobot_xvla.compat import DEPLOY_COMMAND
+from lerobot_xvla.configuration_xvla import XVLAConfigError
 from lerobot_xvla.modeling_xvla import load_for_inference
 
 lerobot_rollout = pytest.importorskip(
@@ -45,6 +46,7 @@ from lerobot.policies.utils import prepare_observation_for_inference  # noqa: E4
 from lerobot.rollout import context as rollout_context  # noqa: E402
 from lerobot.rollout.inference.rtc import _RTC_MAX_CONSECUTIVE_ERRORS, _normalize_prev_actions_length  # noqa: E402
 
+from conftest import SO101_DOMAIN  # noqa: E402
 from sim_so101 import SO101_MOTORS, SimBus, SimCamera, SimCameraConfig  # noqa: E402
 from so101_deploy import (  # noqa: E402, F401  (checkpoint and robot are fixtures)
     CALIBRATION,
@@ -53,6 +55,7 @@ from so101_deploy import (  # noqa: E402, F401  (checkpoint and robot are fixtur
     JOINTS,
     PORTS,
     RENAME_TO_THREE_VIEWS,
+    ROBOT_CAMERAS,
     TASK,
     THREE_VIEWS,
     WIDTH,
@@ -174,6 +177,26 @@ def test_nan_model_output_never_reaches_the_bus(checkpoint, robot, tmp_path, mon
         rollout(monkeypatch, tmp_path, checkpoint, "--policy.n_action_steps=2", "--return_to_initial_position=false",
                 duration_s=30)
     assert_nothing_reached_the_bus_after_the_nan(calls, robot, steps_per_chunk=2)
+
+
+def test_mixture_checkpoint_drives_the_arms_as_its_so101_domain(mixture_checkpoint, robot, tmp_path, monkeypatch):
+    """A checkpoint co-trained on the SO101 and PushT (`--policy.mixture`) under unmodified lerobot-rollout with
+    `--policy.domain_id`: the SO101's domain acts, with its 12-D actions and its dataset's action range as the
+    guard's bounds, and every goal reaches the 12 servos inside calibration. Without `--policy.domain_id` the
+    command stops before the robot moves, naming the domains to choose from."""
+    with pytest.raises(XVLAConfigError, match=rf"choose the one it acts as with --policy.domain_id \(one of \[3, 6\]"):
+        rollout(monkeypatch, tmp_path, mixture_checkpoint)
+    assert not assert_goals_inside_calibration(robot)
+
+    calls = spy_on_policy(monkeypatch, robot)
+    rollout(monkeypatch, tmp_path, mixture_checkpoint, f"--policy.domain_id={SO101_DOMAIN}", "--policy.n_action_steps=5",
+            "--return_to_initial_position=false")
+    assert len(calls) >= 2 and all(c["policy"] is XVLAPolicy for c in calls)
+    policy = calls[0]["instance"]
+    assert policy.config.domain_id == SO101_DOMAIN and policy.config.action_dim == 12
+    assert policy.config.camera_order == ROBOT_CAMERAS  # the SO101's two views; PushT's was renamed onto the first
+    writes = assert_goals_inside_calibration(robot)
+    assert len({(w.port, w.motor_id) for w in writes}) == 12 and len(goal_frames(robot)) >= 10
 
 
 def test_two_camera_robot_runs_a_three_view_checkpoint(two_camera_checkpoint, robot, tmp_path, monkeypatch):

@@ -9,8 +9,9 @@ of their weights, and accelerate shards the index space across processes as for 
 Every item has the same keys and shapes, whatever its source, so batches mix robots: each policy camera
 (the sources' cameras after their `rename_map`), zeros where the source has no such camera (the policy masks
 those views per sample by the domain id); `observation.state` and `action` zero-padded to the widest source;
-`action_is_pad`; `task`; and the source's domain id under `MIXTURE_DOMAIN_KEY`. Images are resized to the
-network's image size here, because samples of different sources must stack. Nothing is normalised here: the
+`action_is_pad` (also over the frames a source with a shorter time-anchor horizon lacks); `task`; and the source's
+domain id under `MIXTURE_DOMAIN_KEY`. Images are resized to the network's image size here, because samples of
+different sources must stack. Nothing is normalised here: the
 preprocessor does it per domain, with each domain's own statistics (`mixture.normalize`).
 """
 
@@ -32,6 +33,7 @@ from lerobot.utils.constants import ACTION, OBS_STATE
 from torch.nn import functional as F
 
 from ..action_modes import build_action_mode
+from ..configuration_xvla import MAX_ANCHOR_FRAMES, action_frames
 from .sources import MIXTURE_DOMAIN_KEY, MixtureError, MixtureSource, check_sources
 from .stats import MixtureStats
 
@@ -89,6 +91,8 @@ class MixtureDataset(torch.utils.data.Dataset):
         self.camera_keys = list(dict.fromkeys(key for s in sources for key in s.cameras))
         self.state_dim = max((s.state_dim or 0) for s in sources)
         self.action_dim = max(s.action_dim for s in sources)
+        # Frames of actions per sample: chunk_size each, or with time anchors each source's horizon at its fps.
+        self.action_steps = max(len(d.delta_timestamps[ACTION]) for d in datasets)
         self.meta = self._metadata()
 
     # What lerobot-train reads of a dataset besides `meta`.
@@ -120,9 +124,11 @@ class MixtureDataset(torch.utils.data.Dataset):
         out: dict[str, Any] = {key: self._view(renamed.get(key)) for key in self.camera_keys}
         if self.state_dim:
             out[OBS_STATE] = _pad_last(renamed[OBS_STATE].float(), self.state_dim)
-        out[ACTION] = _pad_last(renamed[ACTION].float(), self.action_dim)
-        if ACTION_IS_PAD in renamed:
-            out[ACTION_IS_PAD] = renamed[ACTION_IS_PAD]
+        actions = _pad_last(renamed[ACTION].float(), self.action_dim)  # [T, action_dim]
+        steps = self.action_steps - actions.shape[0]  # a shorter horizon than another source's: padded frames
+        out[ACTION] = F.pad(actions, (0, 0, 0, steps))
+        is_pad = renamed.get(ACTION_IS_PAD, torch.zeros(actions.shape[0], dtype=torch.bool))
+        out[ACTION_IS_PAD] = F.pad(is_pad, (0, steps), value=True)
         out["task"] = renamed.get("task", "")
         out[MIXTURE_DOMAIN_KEY] = torch.tensor(source.domain_id)
         return out
@@ -249,8 +255,19 @@ def make_mixture_datasets(cfg: Any) -> tuple[MixtureDataset, MixtureDataset | No
     fraction = getattr(dataset_cfg, "eval_split", 0.0) or 0.0
     kwargs = _dataset_kwargs(cfg)
     train, held_out = [], []
-    for source, meta in zip(sources, metas, strict=True):
-        delta = {ACTION: [i / meta.fps for i in policy.action_delta_indices]}
+    for index, (source, meta) in enumerate(zip(sources, metas, strict=True)):
+        horizon = None if source.anchor_horizon_s is None else source.anchor_horizon_s * meta.fps
+        if horizon is not None and horizon > MAX_ANCHOR_FRAMES:
+            raise MixtureError(
+                f"{source.label(index)}: anchor_horizon_s={source.anchor_horizon_s:g} at its {meta.fps:g} fps spans {horizon:g} "
+                f"frames, more than {MAX_ANCHOR_FRAMES} (a sample loads every frame of the horizon)"
+            )
+        if horizon is not None and round(horizon) < policy.n_action_steps:
+            raise MixtureError(
+                f"{source.label(index)}: anchor_horizon_s={source.anchor_horizon_s:g} at its {meta.fps:g} fps gives {round(horizon)} "
+                f"control steps per chunk, fewer than n_action_steps={policy.n_action_steps}"
+            )
+        delta = {ACTION: [i / meta.fps for i in action_frames(policy.chunk_size, horizon)]}
         episodes = source.episodes if source.episodes is not None else list(range(meta.total_episodes))
         train_episodes, eval_episodes = split_episodes(list(episodes), fraction)
         if not train_episodes:
