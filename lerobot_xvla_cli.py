@@ -65,6 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8010, help="TCP port to listen on")
     serve.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:1, mps, ...)")
     serve.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body; a larger one is refused (413) unread")
+    serve.add_argument(
+        "--domain-id",
+        type=int,
+        help="act as this domain only, requests naming another get 400 (required for a checkpoint trained with "
+        "--policy.mixture, which acts as one of its robots); None: each request names its domain",
+    )
+    serve.add_argument(
+        "--min-body-rate",
+        type=_rate,
+        help="bytes/s a request body must keep up while the server is full, or it gets 408 after 1 s (0: no such rule); None: 65536",
+    )
     libero = commands.add_parser(
         "libero-setup",
         help="offline LIBERO for lerobot-eval --env.type=libero (needs: pip install 'lerobot_policy_xvla[libero]')",
@@ -95,6 +106,16 @@ def _add_source_and_destination(command: argparse.ArgumentParser, written: str) 
         help=f"replace a non-empty destination; it is swapped in whole once {written} is complete",
     )
 
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of bytes/s >= 0, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "libero-setup":
@@ -103,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "info":
         return cli.info()
+    from lerobot_xvla.checkpoints import CheckpointMismatchError
+    from lerobot_xvla.configuration_xvla import XVLAConfigError
     from lerobot_xvla.modeling_xvla import CheckpointNotFoundError
     from lerobot_xvla.processor_files import UntrustedCheckpointError
 
@@ -114,8 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from lerobot_xvla.http_server import serve
 
-            serve(args.checkpoint, args.host, args.port, args.device, args.max_request_mb)
-    except (cli.ConvertRefused, CheckpointNotFoundError, UntrustedCheckpointError) as error:
+            serve(args.checkpoint, args.host, args.port, args.device, args.max_request_mb, args.domain_id, args.min_body_rate)
+    except (
+        cli.ConvertRefused, CheckpointNotFoundError, UntrustedCheckpointError, CheckpointMismatchError, XVLAConfigError
+    ) as error:
         print(f"lerobot-xvla {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

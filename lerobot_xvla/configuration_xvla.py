@@ -755,7 +755,8 @@ class XVLAConfig(PreTrainedConfig):
             domains = self.mixture_domains
             raise XVLAConfigError(
                 f"this X-VLA was trained on a mixture of robots: choose the one it acts as with --policy.domain_id "
-                f"(one of {sorted(domains)}: {', '.join(f'{d} = {s.repo_id}' for d, s in domains.items())})"
+                f"(one of {sorted(domains)}: {', '.join(f'{d} = {s.repo_id}' for d, s in domains.items())}; "
+                "lerobot-xvla serve: --domain-id)"
             )
 
     def act_as_domain(self) -> None:

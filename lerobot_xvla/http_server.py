@@ -148,6 +148,7 @@ class CheckpointShape:
     num_domains: int
     image_size: tuple[int, int] = (224, 224)  # (H, W) the network takes (config.model_image_size)
     letterbox: bool = False  # resize_imgs_with_padding: scaled to fit and padded, not stretched
+    served_domain: int | None = None  # served as this domain (`--domain-id`): requests must name it; None: any
 
     def view_size(self, height: int, width: int) -> tuple[int, int]:
         """(H, W) a height x width camera image is resized to before it reaches the policy: the network's size,
@@ -344,9 +345,14 @@ def _proprio_values(value: NumpyArray | list[float], info: ValidationInfo) -> np
 
 
 def _known_domain(value: int, info: ValidationInfo) -> int:
-    if value >= info.context.num_domains:
+    shape: CheckpointShape = info.context
+    if value >= shape.num_domains:
         message = "must be < {count} (the checkpoint's num_domains), got {value}"
-        raise _error("domain_id", message, count=info.context.num_domains, value=value)
+        raise _error("domain_id", message, count=shape.num_domains, value=value)
+    if shape.served_domain is not None and value != shape.served_domain:
+        # A mixture's statistics, widths and action mode are per domain: another id would mix two robots.
+        message = "must be {served} (the domain this server acts as, --domain-id), got {value}"
+        raise _error("domain_id", message, served=shape.served_domain, value=value)
     return value
 
 
@@ -433,16 +439,19 @@ def describe(error: ValidationError, body: bytes) -> str:
 class XVLAService:
     """The policy with its processors; turns a /act body into (HTTP status, JSON answer)."""
 
-    def __init__(self, checkpoint: str | Path, device: str = "cpu") -> None:
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", domain_id: int | None = None) -> None:
+        """domain_id: serve as that domain only (required for a checkpoint trained on a mixture of robots, which
+        acts as one of them); None: each request names its domain."""
         from .modeling_xvla import load_for_inference
 
-        self.policy, self.preprocessor, self.postprocessor = load_for_inference(checkpoint, device)
+        overrides = {} if domain_id is None else {"domain_id": domain_id}
+        self.policy, self.preprocessor, self.postprocessor = load_for_inference(checkpoint, device, **overrides)
         config = self.policy.config
         self.cameras = config.camera_order[: len(CAMERA_FIELDS)]
         state = config.robot_state_feature.shape[-1] if config.use_proprio else None
         letterbox = config.resize_imgs_with_padding is not None
         self.shape = CheckpointShape(
-            len(self.cameras), state, config.num_domains, tuple(config.model_image_size), letterbox
+            len(self.cameras), state, config.num_domains, tuple(config.model_image_size), letterbox, domain_id
         )
         self.model_lock = threading.Lock()
         self.decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
@@ -869,8 +878,17 @@ class XVLAServer:
         self.server.should_exit = True
 
 
-def serve(checkpoint: str, host: str, port: int, device: str, max_request_mb: float) -> None:
-    server = XVLAServer(XVLAService(checkpoint, device), host, port, max_request_mb)
+def serve(
+    checkpoint: str,
+    host: str,
+    port: int,
+    device: str,
+    max_request_mb: float,
+    domain_id: int | None = None,
+    min_body_rate: float | None = None,
+) -> None:
+    service = XVLAService(checkpoint, device, domain_id)
+    server = XVLAServer(service, host, port, max_request_mb, min_body_rate=MIN_BODY_RATE if min_body_rate is None else min_body_rate)
     if host not in LOCAL_HOSTS:
         logger.warning("serving X-VLA on %s: reachable from other machines", host)
     print(f"X-VLA /act server on http://{host}:{server.port} (checkpoint {checkpoint})", flush=True)

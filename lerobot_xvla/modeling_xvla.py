@@ -514,19 +514,24 @@ class XVLAPolicy(PreTrainedPolicy):
             rows[domain, : len(cameras)] = torch.tensor([key in source.cameras for key in cameras])
         return rows.to(domain_id.device)[domain_id]
 
-    def _anchor_frames(self, domain_id: Tensor) -> float | Tensor | None:
+    def _anchor_frames(self, domain_id: Tensor | None) -> float | Tensor | None:
         """The time anchors' horizon in frames: the config's, or per sample [B] while a mixture trains (each
-        source's horizon at its own fps); None without time anchors."""
+        source's horizon at its own fps, looked up by the samples' domain ids); None without time anchors."""
         by_domain = self.config.mixture_anchor_frames if self.config.sample_domain_key == MIXTURE_DOMAIN_KEY else None
         if by_domain is None:
             return self.config.anchor_horizon_frames
+        if domain_id is None:
+            raise ValueError("a mixture trained with time anchors needs each sample's domain id to find its horizon")
         table = torch.zeros(self.config.num_domains, dtype=torch.float32)
         table[list(by_domain)] = torch.tensor(list(by_domain.values()), dtype=torch.float32)
         return table.to(domain_id.device)[domain_id]
 
-    def _targets(self, batch: dict[str, Tensor], domain_id: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def _targets(
+        self, batch: dict[str, Tensor], domain_id: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Targets [B, chunk_size, dim_action], their valid-step mask [B, chunk_size] (None: all valid) and,
-        with time anchors, the trajectory's first point [B, action_dim] that serves as proprio."""
+        with time anchors, the trajectory's first point [B, action_dim] that serves as proprio. domain_id [B]:
+        the samples' domains, which a mixture trained with time anchors needs."""
         if ACTION not in batch:
             raise ValueError(f"the batch has no '{ACTION}' targets")
         actions = batch[ACTION]

@@ -31,10 +31,12 @@ import torch
 
 from lerobot_xvla import XVLAPolicy, http_server
 from lerobot_xvla_cli import build_parser
+from lerobot_xvla_cli import main as cli_main
 from lerobot_xvla.http_server import LINGER_S, XVLAServer, XVLAService
 from lerobot_xvla.processor_xvla import make_xvla_pre_post_processors
 
-from conftest import tiny_config
+from conftest import PUSHT_DOMAIN, SO101_DOMAIN, tiny_config
+from so101_deploy import training_stats
 
 CAMERAS = ("observation.images.image0", "observation.images.image1", "observation.images.image2")
 BOUNDS = {"mean": torch.zeros(20), "std": torch.ones(20), "min": -torch.ones(20) * 5, "max": torch.ones(20) * 5}
@@ -818,6 +820,13 @@ def test_thousands_of_malformed_requests_get_an_answer_below_500(server, capsys)
 def test_serve_command_line(capsys):
     args = build_parser().parse_args(["serve", "some/checkpoint"])
     assert (args.host, args.port, args.device, args.max_request_mb) == ("127.0.0.1", 8010, "cpu", 32.0)
+    assert (args.domain_id, args.min_body_rate) == (None, None)  # each request's domain; the server's 64 KiB/s
+    args = build_parser().parse_args(["serve", "some/checkpoint", "--domain-id", "6", "--min-body-rate", "0"])
+    assert (args.domain_id, args.min_body_rate) == (6, 0.0)
+    for rate in ("-1", "nan", "inf", "fast"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "some/checkpoint", "--min-body-rate", rate])
+        assert f"--min-body-rate: must be a finite number of bytes/s >= 0, got '{rate}'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
@@ -867,3 +876,29 @@ def test_a_red_image_reaches_the_policy_red(service, monkeypatch, image_format):
         pixels = seen[0][camera].float()  # [3, H, W] uint8
         means = pixels.mean(dim=(1, 2)).tolist()
         assert means[0] > 250 and means[1] < 5 and means[2] < 5, (camera, means)
+
+
+def so101_request(domain_id: int) -> dict:
+    """An /act request from the two-arm SO101 of `mixture_checkpoint`: its two 64x96 cameras and 12 joints."""
+    rng = np.random.default_rng(0)
+    views = {f"image{i}": json_numpy.dumps(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)) for i in range(2)}
+    proprio = training_stats()["observation.state"]["mean"].numpy()
+    return {**views, "language_instruction": "pick", "proprio": json_numpy.dumps(proprio), "domain_id": domain_id, "steps": 2}
+
+
+def test_a_mixture_checkpoint_is_served_as_one_of_its_robots(mixture_checkpoint, capsys):
+    """`lerobot-xvla serve --domain-id 6` on a checkpoint co-trained on the SO101 and PushT: the SO101's requests get
+    its 12-D actions inside its dataset's range; a request for another domain is refused by name (a mixture's
+    statistics and widths are per domain); without --domain-id the command stops in one line."""
+    service = XVLAService(mixture_checkpoint, domain_id=SO101_DOMAIN)
+    status, answer = service.answer(json.dumps(so101_request(SO101_DOMAIN)).encode())
+    assert status == 200, answer
+    action, bounds = np.asarray(answer["action"]), training_stats()["action"]  # the dataset's actions lie inside
+    assert action.shape[1] == 12 and np.isfinite(action).all()
+    assert (action >= bounds["min"].numpy() - 1e-4).all() and (action <= bounds["max"].numpy() + 1e-4).all()
+    status, answer = service.answer(json.dumps(so101_request(PUSHT_DOMAIN)).encode())
+    assert status == 400 and answer["error"] == "'domain_id': must be 6 (the domain this server acts as, --domain-id), got 3"
+    assert cli_main(["serve", str(mixture_checkpoint)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("lerobot-xvla serve: error: this X-VLA was trained on a mixture")
+    assert "one of [3, 6]: 6 = local/so101_two_cameras, 3 = local/xvla_demo_pusht; lerobot-xvla serve: --domain-id" in error
