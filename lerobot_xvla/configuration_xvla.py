@@ -507,11 +507,13 @@ class XVLAConfig(PreTrainedConfig):
             check_sources(self.mixture, self.num_domains, self.action_mode)
         except MixtureError as error:
             raise XVLAConfigError(str(error)) from None
+        per_source_domain = "each source sets its domain_id"
+        per_source_anchors = "time anchors are set per source (anchor_horizon_s in each entry; the fps is its dataset's)"
         exclusive = {
-            "domain_map": "each source sets its domain_id",
-            "domain_feature_key": "each source sets its domain_id",
-            "anchor_horizon_s": "time anchors are set per source (anchor_horizon_s in each entry; the fps is its dataset's)",
-            "anchor_fps": "time anchors are set per source (anchor_horizon_s in each entry; the fps is its dataset's)",
+            "domain_map": per_source_domain,
+            "domain_feature_key": per_source_domain,
+            "anchor_horizon_s": per_source_anchors,
+            "anchor_fps": per_source_anchors,
             "resize_imgs_with_padding": "letterboxing is not supported in mixtures yet",
         }
         for name, reason in exclusive.items():
